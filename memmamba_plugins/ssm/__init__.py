@@ -1,0 +1,27 @@
+"""Framework-free selective-scan and SS2D core shared by both models (torch only)."""
+
+from .selective_scan import (
+    BACKEND_ENV,
+    BACKENDS,
+    mamba_ssm_available,
+    numba_available,
+    resolve_backend,
+    selective_scan,
+    selective_scan_ref,
+)
+from .ss2d import DIRECTIONS, SS2D, check_region_size, merge_regions, split_regions
+
+__all__ = [
+    "DIRECTIONS",
+    "SS2D",
+    "check_region_size",
+    "merge_regions",
+    "split_regions",
+    "BACKENDS",
+    "BACKEND_ENV",
+    "mamba_ssm_available",
+    "numba_available",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+]

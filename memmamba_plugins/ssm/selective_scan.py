@@ -1,0 +1,355 @@
+"""Selective scan with one interface and several implementations.
+
+:func:`selective_scan` has the signature, shapes and semantics of mamba-ssm's
+``selective_scan_fn`` (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", 2023). It dispatches to
+
+* ``"mamba_ssm"`` -- mamba-ssm's fused CUDA kernel (CUDA tensors, ``mamba-ssm`` installed);
+* ``"numba"``     -- the fused CPU kernel of :mod:`memmamba_plugins.ssm.cpu_kernel` (CPU tensors,
+  float32 / float16 / bfloat16);
+* ``"torch"``     -- a chunked parallel scan in plain tensor operations: runs on any device and
+  dtype, is traceable (ONNX / TorchScript export) and differentiable by autograd;
+* ``"reference"`` -- :func:`memmamba_plugins.ssm.reference.selective_scan_ref`, one Python step per
+  element (tests and debugging only).
+
+``backend=None`` (or ``"auto"``) picks the first that applies: ``"torch"`` while tracing,
+scripting, exporting or compiling; ``"mamba_ssm"`` for CUDA tensors when mamba-ssm imports,
+else ``"torch"``; ``"numba"`` for CPU tensors of a float type it compiles; ``"torch"`` otherwise.
+The environment variable ``MEMMAMBA_SCAN_BACKEND`` sets the default for ``backend=None``.
+
+Non-finite values: the CPU backends raise :class:`ValueError` naming the input that holds
+NaN/Inf (the scan would otherwise smear it over the rest of the sequence). The CUDA kernel is
+not checked -- a check would force a device synchronisation per call -- and propagates them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import expand_groups, selective_scan_ref
+
+Backend = Literal["auto", "mamba_ssm", "numba", "torch", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "mamba_ssm", "numba", "torch", "reference")
+BACKEND_ENV = "MEMMAMBA_SCAN_BACKEND"
+
+#: Chunk length of the pure-PyTorch scan: log2(CHUNK) doubling steps inside a chunk, then a scan
+#: over chunk carries. 64 keeps the intermediates small and the traced graph short.
+CHUNK = 64
+
+_NUMBA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def mamba_ssm_available() -> bool:
+    """True when mamba-ssm's CUDA selective-scan kernel can be imported."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return False
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception:  # mamba-ssm installed without its compiled extension
+        return False
+    return True
+
+
+@functools.cache
+def numba_available() -> bool:
+    """True when the numba CPU kernel can be imported."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:
+        from . import cpu_kernel  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _is_exporting() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def resolve_backend(backend: str | None, u: Tensor) -> str:
+    """Return the concrete backend :func:`selective_scan` will use for input ``u``.
+
+    Raises:
+        ValueError: unknown backend name, or a backend that cannot run these inputs.
+    """
+    requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if requested not in BACKENDS:
+        raise ValueError(f"Unknown selective-scan backend {requested!r}; choose one of {BACKENDS}.")
+    if requested == "auto":
+        if _is_exporting():
+            return "torch"
+        if u.is_cuda:
+            return "mamba_ssm" if mamba_ssm_available() else "torch"
+        if u.device.type == "cpu" and u.dtype in _NUMBA_DTYPES and numba_available():
+            return "numba"
+        return "torch"
+    if requested == "mamba_ssm":
+        if not u.is_cuda:
+            raise ValueError("backend='mamba_ssm' needs CUDA tensors; use backend='numba' or 'torch' on CPU.")
+        if not mamba_ssm_available():
+            raise ValueError(
+                "backend='mamba_ssm' needs mamba-ssm with its CUDA extension: "
+                "pip install 'memmamba-plugins[cuda]' on a machine with CUDA, or use backend='torch'."
+            )
+    if requested == "numba":
+        if u.device.type != "cpu" or u.dtype not in _NUMBA_DTYPES:
+            raise ValueError(
+                f"backend='numba' runs float32/float16/bfloat16 CPU tensors, got {u.dtype} on {u.device}; "
+                "use backend='torch'."
+            )
+        if not numba_available():
+            raise ValueError("backend='numba' needs the numba package: pip install numba.")
+    return requested
+
+
+def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}.")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}.")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}.")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim={dim}, N), got shape {tuple(A.shape)}.")
+    if A.is_complex():
+        raise ValueError("complex A is not supported; pass a real (dim, N) A.")
+    n_state = A.shape[1]
+    for name, mat in (("B", B), ("C", C)):
+        if mat.dim() == 3:
+            ok = mat.shape == (batch, n_state, length)
+        elif mat.dim() == 4:
+            ok = mat.shape[0] == batch and mat.shape[2:] == (n_state, length) and dim % mat.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} must be (batch={batch}, N={n_state}, L={length}) or (batch, groups, N, L) with groups "
+                f"dividing dim={dim}; got {tuple(mat.shape)}."
+            )
+    for name, vec in (("D", D), ("delta_bias", delta_bias)):
+        if vec is not None and vec.shape != (dim,):
+            raise ValueError(f"{name} must be (dim={dim},), got {tuple(vec.shape)}.")
+
+
+def _check_finite(**tensors: Tensor | None) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    # One sum per tensor is a single vectorised pass; a NaN/Inf anywhere makes it non-finite.
+    # Only when a sum is non-finite (or overflowed) is the exact, slower test run.
+    sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in present.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, tensor in present.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"selective_scan: input {name!r} contains NaN or Inf. The scan would spread it over the rest "
+                "of the sequence; check the layer feeding it (learning rate, loss scale, input normalisation)."
+            )
+
+
+def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """``y = <C, h>`` and the last state, by a chunked doubling scan (no loop over L)."""
+    # plain ints: the traced graph is specialised to the example's length anyway
+    batch, dim, length = (int(s) for s in u.shape)
+    n_state = int(A.shape[1])
+    decay = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (batch, dim, L, N)
+    state = (delta * u).unsqueeze(-1) * expand_groups(B, dim).transpose(2, 3)
+    chunk = min(CHUNK, 1 << max(0, (length - 1).bit_length()))
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:
+        decay = F.pad(decay, (0, 0, 0, pad), value=1.0)
+        state = F.pad(state, (0, 0, 0, pad))
+    decay = decay.reshape(batch, dim, n_chunks, chunk, n_state)
+    state = state.reshape(batch, dim, n_chunks, chunk, n_state)
+    # Inclusive scan of h_t = a_t h_{t-1} + x_t inside each chunk (Hillis-Steele doubling).
+    step = 1
+    while step < chunk:
+        state = torch.cat([state[..., :step, :], state[..., step:, :] + decay[..., step:, :] * state[..., :-step, :]], 3)
+        decay = torch.cat([decay[..., :step, :], decay[..., step:, :] * decay[..., :-step, :]], 3)
+        step *= 2
+    # Same scan over the chunk ends gives the state entering each chunk.
+    carry_decay = decay[..., -1, :]
+    carry = state[..., -1, :]
+    step = 1
+    while step < n_chunks:
+        carry = torch.cat([carry[..., :step, :], carry[..., step:, :] + carry_decay[..., step:, :] * carry[..., :-step, :]], 2)
+        carry_decay = torch.cat([carry_decay[..., :step, :], carry_decay[..., step:, :] * carry_decay[..., :-step, :]], 2)
+        step *= 2
+    carry_in = F.pad(carry[..., :-1, :], (0, 0, 1, 0))
+    state = state + decay * carry_in.unsqueeze(3)
+    state = state.reshape(batch, dim, n_chunks * chunk, n_state)[:, :, :length]
+    y = (state * expand_groups(C, dim).transpose(2, 3)).sum(-1)
+    return y, state[:, :, -1]
+
+
+class _NumbaScan(torch.autograd.Function):
+    """Autograd wrapper of the fused CPU kernels (float32, contiguous channel-last buffers)."""
+
+    @staticmethod
+    def forward(
+        ctx, u: Tensor, delta: Tensor, delta_bias: Tensor, softplus: bool, A: Tensor, B: Tensor, C: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        from . import cpu_kernel
+
+        _set_numba_threads()
+        groups_given = B.dim() == 4
+        u_t = u.detach().transpose(1, 2).contiguous()
+        dt_t = delta.detach().transpose(1, 2).contiguous()
+        A_t = A.detach().t().contiguous()
+        B_t = _groups_last(B)
+        C_t = _groups_last(C)
+        y = torch.empty_like(u_t)
+        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+        bias = delta_bias.detach().contiguous()
+        cpu_kernel.scan_forward(
+            u_t.numpy(), dt_t.numpy(), bias.numpy(), softplus, A_t.numpy(), B_t.numpy(), C_t.numpy(),
+            y.numpy(), last.numpy(),
+        )  # fmt: skip
+        ctx.save_for_backward(u_t, dt_t, bias, A_t, B_t, C_t)
+        ctx.softplus = softplus
+        ctx.groups_given = groups_given
+        return y.transpose(1, 2), last
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None):
+        from . import cpu_kernel
+
+        _set_numba_threads()
+        u_t, dt_t, bias, A_t, B_t, C_t = ctx.saved_tensors
+        batch, length, dim = u_t.shape
+        groups, n_state = B_t.shape[1], A_t.shape[0]
+        if grad_y is None:
+            grad_y = u_t.new_zeros(batch, dim, length)
+        gy_t = grad_y.transpose(1, 2).contiguous().float()
+        g_last = (grad_last if grad_last is not None else u_t.new_zeros(batch, dim, n_state)).contiguous().float()
+        blocks = cpu_kernel.blocks_per_group(dim, groups)
+        grad_u = torch.empty_like(u_t)
+        grad_dt = torch.empty_like(u_t)
+        grad_A = u_t.new_empty(batch, n_state, dim)
+        grad_B = u_t.new_empty(batch, groups, blocks, length, n_state)
+        grad_C = u_t.new_empty(batch, groups, blocks, length, n_state)
+        cpu_kernel.scan_backward(
+            u_t.numpy(), dt_t.numpy(), bias.numpy(), ctx.softplus, A_t.numpy(), B_t.numpy(), C_t.numpy(),
+            gy_t.numpy(), g_last.numpy(),
+            grad_u.numpy(), grad_dt.numpy(), grad_A.numpy(), grad_B.numpy(), grad_C.numpy(),
+        )  # fmt: skip
+        grad_B = grad_B.sum(2).transpose(2, 3)
+        grad_C = grad_C.sum(2).transpose(2, 3)
+        if not ctx.groups_given:
+            grad_B, grad_C = grad_B.squeeze(1), grad_C.squeeze(1)
+        grad_bias = grad_dt.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return (
+            grad_u.transpose(1, 2), grad_dt.transpose(1, 2), grad_bias, None, grad_A.sum(0).t(), grad_B, grad_C
+        )
+
+
+def _groups_last(mat: Tensor) -> Tensor:
+    """``(batch, [groups,] N, L)`` -> contiguous ``(batch, groups, L, N)``."""
+    if mat.dim() == 3:
+        mat = mat.unsqueeze(1)
+    return mat.detach().transpose(2, 3).contiguous()
+
+
+def _set_numba_threads() -> None:
+    import numba
+
+    # follow torch's intra-op setting so torch.set_num_threads governs the whole model
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan of Mamba (S6), as mamba-ssm's ``selective_scan_fn``.
+
+    Args:
+        u: input ``(batch, dim, L)``.
+        delta: step sizes ``(batch, dim, L)`` (before ``delta_bias`` / softplus).
+        A: state matrix ``(dim, N)``, real (negative for a stable scan).
+        B: input matrix ``(batch, N, L)`` or ``(batch, groups, N, L)``; channel ``d`` uses group
+            ``d // (dim // groups)``.
+        C: output matrix, same shapes as ``B``.
+        D: skip connection ``(dim,)``.
+        z: gate ``(batch, dim, L)``; the output is multiplied by ``silu(z)``.
+        delta_bias: ``(dim,)`` added to ``delta``.
+        delta_softplus: apply softplus to ``delta`` (after the bias).
+        return_last_state: also return the state after the last step, ``(batch, dim, N)``.
+        backend: ``None``/``"auto"``, ``"mamba_ssm"``, ``"numba"``, ``"torch"`` or ``"reference"``
+            (see the module docstring).
+
+    Returns:
+        ``y`` of shape ``(batch, dim, L)`` in the dtype of ``u``, and the last state (float32, or
+        float64 for float64 inputs) when ``return_last_state``.
+
+    Raises:
+        ValueError: inconsistent shapes, an unusable backend, or NaN/Inf inputs on CPU.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u)
+    if name == "mamba_ssm":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn(
+            u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+            D, None if z is None else z.contiguous(), delta_bias, delta_softplus, return_last_state,
+        )  # fmt: skip
+    if not _is_exporting():
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    if name == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    dtype_in = u.dtype
+    compute = torch.float64 if dtype_in == torch.float64 else torch.float32
+    u_c, delta_c = u.to(compute), delta.to(compute)
+    A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
+    if name == "numba":
+        bias = delta_bias.to(compute) if delta_bias is not None else u_c.new_zeros(u_c.shape[1])
+        y, last = _NumbaScan.apply(u_c, delta_c, bias, delta_softplus, A_c, B_c, C_c)
+    else:
+        if delta_bias is not None:
+            delta_c = delta_c + delta_bias.to(compute)[:, None]
+        if delta_softplus:
+            delta_c = F.softplus(delta_c)
+        y, last = _scan_torch(u_c, delta_c, A_c, B_c, C_c)
+    if D is not None:
+        y = y + u_c * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    y = y.to(dtype_in)
+    return (y, last) if return_last_state else y
+
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "Backend",
+    "mamba_ssm_available",
+    "numba_available",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+]

@@ -1,0 +1,238 @@
+"""SS2D: the 2-D selective-scan mixer of VMamba, with the region (pyramid) scan of Pyramid-Mamba.
+
+References:
+    Liu et al., "VMamba: Visual State Space Model", NeurIPS 2024 -- SS2D: in-projection,
+    depthwise conv + SiLU, cross-scan in four directions with per-direction projections, merge,
+    LayerNorm, SiLU(z) gate, out-projection.
+    Iqbal et al., "Pyramid-based Mamba Multi-class Unsupervised Anomaly Detection", 2025 -- the
+    Pyramidal Scanning Strategy: the same SSM scans the whole map and its 2^k x 2^k sub-regions,
+    the levels are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .selective_scan import selective_scan
+
+#: Scan directions, in the order of the per-direction parameters (VMamba's order).
+DIRECTIONS: tuple[str, ...] = ("row", "column", "row_reversed", "column_reversed")
+
+
+def dt_rank_for(d_model: int, dt_rank: int | str = "auto") -> int:
+    """Rank of the step-size projection; ``"auto"`` is ``ceil(d_model / 16)`` as in Mamba."""
+    if dt_rank == "auto":
+        return math.ceil(d_model / 16)
+    if not isinstance(dt_rank, int) or dt_rank < 1:
+        raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}.")
+    return dt_rank
+
+
+def check_region_size(height: int, width: int, levels: Sequence[int]) -> None:
+    """Raise :class:`ValueError` unless a ``height x width`` map splits evenly at every level.
+
+    Level ``k`` cuts the map into ``2^k x 2^k`` regions, so levels above 0 need a square map whose
+    side is divisible by ``2^max(levels)``.
+    """
+    top = max(levels)
+    if top == 0:
+        return
+    split = 2**top
+    if height != width or height % split:
+        raise ValueError(
+            f"Pyramid levels {tuple(levels)} split the feature map into {split}x{split} regions, which needs a "
+            f"square map with a side divisible by {split}; got {height}x{width}. Use a square input whose "
+            f"feature maps have sides that are multiples of {split}, or fewer pyramid levels."
+        )
+
+
+def split_regions(x: Tensor, splits: int) -> Tensor:
+    """``(B, D, H, W)`` -> ``(B * splits^2, D, H / splits, W / splits)``, regions row-major."""
+    b, d, h, w = x.shape
+    x = x.reshape(b, d, splits, h // splits, splits, w // splits)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * splits * splits, d, h // splits, w // splits)
+
+
+def merge_regions(x: Tensor, splits: int) -> Tensor:
+    """Inverse of :func:`split_regions`."""
+    bs, d, h, w = x.shape
+    b = bs // (splits * splits)
+    x = x.reshape(b, splits, splits, d, h, w)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, d, splits * h, splits * w)
+
+
+class SS2D(nn.Module):
+    """2-D selective scan block, channel-last ``(B, H, W, C) -> (B, H, W, C)``.
+
+    Args:
+        d_model: channels ``C`` of input and output.
+        d_state: SSM state size ``N``.
+        expand: inner width factor; the scan runs on ``int(expand * d_model)`` channels.
+        dt_rank: rank of the step-size projection, or ``"auto"`` (``ceil(d_model / 16)``).
+        d_conv: kernel of the depthwise convolution before the scan.
+        conv_bias: bias in the depthwise convolution.
+        bias: bias in the in/out projections.
+        dt_min, dt_max: range of the initial step sizes (log-uniform), as Mamba.
+        dt_init: ``"random"`` or ``"constant"`` init of the step-size projection weight.
+        dt_scale: scale of that init.
+        dt_init_floor: lower clamp of the initial step sizes.
+        dropout: dropout on the output.
+        pyramid_levels: levels of the region scan; level ``k`` scans ``2^k x 2^k`` sub-regions
+            with the same weights, and the levels are averaged. ``(0,)`` is plain SS2D.
+        gated: multiply by ``SiLU(z)`` from a second in-projection branch (VMamba default).
+        backend: selective-scan backend (``None`` = automatic, see
+            :func:`memmamba_plugins.ssm.selective_scan`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        expand: float = 2.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = True,
+        bias: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        dropout: float = 0.0,
+        pyramid_levels: Sequence[int] = (0,),
+        gated: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        levels = tuple(int(level) for level in pyramid_levels)
+        if not levels or min(levels) < 0 or len(set(levels)) != len(levels):
+            raise ValueError(f"pyramid_levels must be distinct non-negative ints, got {pyramid_levels!r}.")
+        if d_conv % 2 == 0:
+            raise ValueError(f"d_conv must be odd to keep the map size, got {d_conv}.")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = dt_rank_for(d_model, dt_rank)
+        self.pyramid_levels = levels
+        self.gated = gated
+        self.backend = backend
+        k = len(DIRECTIONS)
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * (2 if gated else 1), bias=bias)
+        self.conv2d = nn.Conv2d(
+            self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2, groups=self.d_inner, bias=conv_bias
+        )
+        self.act = nn.SiLU()
+        x_proj = [nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False).weight for _ in range(k)]
+        self.x_proj_weight = nn.Parameter(torch.stack(x_proj))  # (K, R + 2N, D)
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, self.d_inner, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, self.d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * self.d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * self.d_inner))
+        self.out_norm = nn.LayerNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._dt_init = dict(dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale, floor=dt_init_floor)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's initialisation: S4D-real ``A``, unit ``D``, inverse-softplus step-size bias."""
+        cfg = self._dt_init
+        std = self.dt_rank**-0.5 * cfg["dt_scale"]
+        if cfg["dt_init"] == "constant":
+            self.dt_projs_weight.fill_(std)
+        elif cfg["dt_init"] == "random":
+            self.dt_projs_weight.uniform_(-std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {cfg['dt_init']!r}.")
+        log_min, log_max = math.log(cfg["dt_min"]), math.log(cfg["dt_max"])
+        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (log_max - log_min) + log_min).clamp(min=cfg["floor"])
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(a).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+        for p in (self.A_logs, self.Ds):
+            p._no_weight_decay = True  # read by optimiser builders that honour it
+
+    # -- stages -----------------------------------------------------------------------------
+    def condition(self, x: Tensor) -> Tensor:
+        """Hook between the depthwise conv and the SiLU, ``(B, D, H, W)``; identity here.
+
+        Subclasses inject extra context at this point (e.g. MemoryMamba's memory read-outs).
+        """
+        return x
+
+    def scan_directions(self, x: Tensor) -> Tensor:
+        """Scan ``x`` ``(B, D, H, W)`` in the four directions.
+
+        Returns:
+            ``(B, 4, D, H, W)``: each direction's output, placed back on the grid.
+        """
+        b, d, h, w = x.shape
+        length = h * w
+        k = len(DIRECTIONS)
+        rows = x.reshape(b, d, length)
+        cols = x.transpose(2, 3).reshape(b, d, length)
+        xs = torch.stack([rows, cols], dim=1)
+        xs = torch.cat([xs, xs.flip(-1)], dim=1)  # (B, K, D, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        y = selective_scan(
+            xs.reshape(b, k * d, length),
+            dts.reshape(b, k * d, length),
+            -torch.exp(self.A_logs.float()),
+            Bs.contiguous(),
+            Cs.contiguous(),
+            D=self.Ds.float(),
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+            backend=self.backend,
+        ).reshape(b, k, d, length)
+        row = y[:, 0].reshape(b, d, h, w)
+        col = y[:, 1].reshape(b, d, w, h).transpose(2, 3)
+        row_rev = y[:, 2].flip(-1).reshape(b, d, h, w)
+        col_rev = y[:, 3].flip(-1).reshape(b, d, w, h).transpose(2, 3)
+        return torch.stack([row, col, row_rev, col_rev], dim=1)
+
+    def scan2d(self, x: Tensor) -> Tensor:
+        """Cross-scan, merge and average the pyramid levels: ``(B, D, H, W) -> (B, H, W, D)``."""
+        check_region_size(x.shape[2], x.shape[3], self.pyramid_levels)
+        out = None
+        for level in self.pyramid_levels:
+            splits = 2**level
+            regions = split_regions(x, splits) if splits > 1 else x
+            y = self.scan_directions(regions).sum(1)
+            y = merge_regions(y, splits) if splits > 1 else y
+            out = y if out is None else out + y
+        out = out / len(self.pyramid_levels)
+        return out.permute(0, 2, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        if x.dim() != 4 or x.shape[-1] != self.d_model:
+            raise ValueError(f"SS2D expects channel-last (B, H, W, {self.d_model}), got {tuple(x.shape)}.")
+        xz = self.in_proj(x)
+        if self.gated:
+            x, z = xz.chunk(2, dim=-1)
+        else:
+            x, z = xz, None
+        x = self.conv2d(x.permute(0, 3, 1, 2))
+        x = self.act(self.condition(x))
+        y = self.scan2d(x).to(x.dtype)
+        y = self.out_norm(y)
+        if z is not None:
+            y = y * F.silu(z)
+        return self.dropout(self.out_proj(y))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
+            f"pyramid_levels={self.pyramid_levels}, gated={self.gated}"
+        )

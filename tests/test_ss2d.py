@@ -1,0 +1,141 @@
+"""SS2D: shapes, the region (pyramid) scan, direction symmetry, gradients, initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memmamba_plugins.ssm import SS2D, check_region_size, merge_regions, split_regions
+
+
+def make(levels=(0,), d_model: int = 8, **kw) -> SS2D:
+    torch.manual_seed(0)
+    return SS2D(d_model, d_state=4, pyramid_levels=levels, **kw)
+
+
+@pytest.mark.parametrize("levels", [(0,), (1,), (0, 1), (0, 1, 2)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_shapes(levels, gated: bool) -> None:
+    module = make(levels, gated=gated, expand=1.5)
+    x = torch.randn(2, 8, 8, 8)
+    assert module(x).shape == x.shape
+    assert module.d_inner == 12
+
+
+def test_non_square_map_is_fine_without_regions() -> None:
+    assert make((0,))(torch.randn(1, 6, 10, 8)).shape == (1, 6, 10, 8)
+
+
+@pytest.mark.parametrize(("size", "levels"), [((8, 12), (0, 1)), ((6, 6), (0, 1, 2)), ((9, 9), (1,))])
+def test_maps_that_do_not_split_raise(size, levels) -> None:
+    module = make(levels)
+    with pytest.raises(ValueError, match="square map with a side divisible by"):
+        module(torch.randn(1, *size, 8))
+    with pytest.raises(ValueError, match="fewer pyramid levels"):
+        check_region_size(*size, levels)
+
+
+def test_wrong_channel_count_raises() -> None:
+    with pytest.raises(ValueError, match=r"channel-last \(B, H, W, 8\)"):
+        make()(torch.randn(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize("levels", [(), (-1,), (1, 1)])
+def test_bad_levels_raise(levels) -> None:
+    with pytest.raises(ValueError, match="pyramid_levels"):
+        make(levels)
+
+
+def test_split_merge_roundtrip_and_order() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    regions = split_regions(x, 2)
+    assert regions.shape == (8, 3, 2, 2)
+    assert torch.equal(regions[1], x[0, :, :2, 2:])  # second region = top-right quadrant of image 0
+    assert torch.equal(regions[4], x[1, :, :2, :2])
+    assert torch.equal(merge_regions(regions, 2), x)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_region_level_equals_scanning_each_region_separately(level: int) -> None:
+    module = make((level,)).double()
+    x = torch.randn(2, module.d_inner, 8, 8, dtype=torch.float64)
+    batched = module.scan2d(x).permute(0, 3, 1, 2)
+    splits, side = 2**level, 8 // 2**level
+    for i in range(splits):
+        for j in range(splits):
+            region = x[:, :, i * side : (i + 1) * side, j * side : (j + 1) * side]
+            alone = module.scan_directions(region).sum(1)
+            got = batched[:, :, i * side : (i + 1) * side, j * side : (j + 1) * side]
+            torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_pyramid_averages_levels_with_shared_weights() -> None:
+    module = make((0, 1)).double()
+    x = torch.randn(1, module.d_inner, 8, 8, dtype=torch.float64)
+    both = module.scan2d(x)
+    module.pyramid_levels = (0,)
+    whole = module.scan2d(x)
+    module.pyramid_levels = (1,)
+    quadrants = module.scan2d(x)
+    torch.testing.assert_close(both, (whole + quadrants) / 2)
+    assert not torch.allclose(whole, quadrants)  # the levels do see different contexts
+
+
+def test_transposing_the_input_swaps_row_and_column_directions() -> None:
+    module = make().double()
+    x = torch.randn(2, module.d_inner, 5, 7, dtype=torch.float64)
+    swapped = make().double()
+    swapped.load_state_dict(module.state_dict())
+    order = torch.tensor([1, 0, 3, 2])  # row <-> column, reversed row <-> reversed column
+    d = module.d_inner
+    with torch.no_grad():
+        swapped.x_proj_weight.copy_(module.x_proj_weight[order])
+        swapped.dt_projs_weight.copy_(module.dt_projs_weight[order])
+        swapped.dt_projs_bias.copy_(module.dt_projs_bias[order])
+        swapped.A_logs.copy_(module.A_logs.reshape(4, d, -1)[order].reshape(4 * d, -1))
+        swapped.Ds.copy_(module.Ds.reshape(4, d)[order].reshape(-1))
+    per_direction = module.scan_directions(x)  # (B, 4, D, H, W)
+    transposed = swapped.scan_directions(x.transpose(2, 3))  # (B, 4, D, W, H)
+    # the row scan of x^T (with column weights) is the column contribution of x, and so on
+    torch.testing.assert_close(transposed[:, order].transpose(3, 4), per_direction, rtol=1e-10, atol=1e-10)
+    # and without swapping the weights the directions really differ
+    plain = module.scan_directions(x.transpose(2, 3)).transpose(3, 4)
+    assert not torch.allclose(plain, per_direction)
+
+
+@pytest.mark.parametrize("levels", [(0,), (0, 1)])
+def test_gradients_reach_every_parameter(levels) -> None:
+    module = make(levels)
+    module(torch.randn(2, 8, 8, 8)).square().mean().backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_numba_and_torch_backends_agree() -> None:
+    x = torch.randn(2, 8, 8, 8)
+    fast, plain = make((0, 1), backend="numba"), make((0, 1), backend="torch")
+    plain.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_initialisation() -> None:
+    module = SS2D(32, d_state=16, dt_min=0.002, dt_max=0.05)
+    assert module.dt_rank == 2  # ceil(32 / 16)
+    dt = F.softplus(module.dt_projs_bias)
+    assert dt.min() >= 0.002 * 0.999 and dt.max() <= 0.05 * 1.001
+    assert torch.allclose(-torch.exp(module.A_logs[5]), -torch.arange(1, 17, dtype=torch.float32))
+    assert torch.all(module.Ds == 1)
+    assert module.A_logs._no_weight_decay and module.Ds._no_weight_decay
+
+
+def test_condition_hook_sits_between_conv_and_scan() -> None:
+    class Zeroed(SS2D):
+        def condition(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    module = Zeroed(8, d_state=4)
+    # zero scan input -> scan output 0 -> LayerNorm(0) = its bias (0) -> projection of 0
+    out = module(torch.randn(1, 4, 4, 8))
+    assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
