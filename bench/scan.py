@@ -66,7 +66,9 @@ def forward_backward(fn: Callable, inputs: dict[str, torch.Tensor], **kw) -> Cal
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--state", type=int, default=16)
@@ -100,11 +102,17 @@ def main() -> None:
         results[backend] = (fwd, bwd)
         rows.append((f"backend={backend}", fwd, bwd, err))
 
-    print(f"{'implementation':<24}{'forward (ms)':>14}{'fwd+bwd (ms)':>14}{'fwd x':>8}{'fwd+bwd x':>11}{'rel err':>10}")
+    print(
+        f"{'implementation':<24}{'forward (ms)':>14}{'fwd+bwd (ms)':>14}{'fwd x':>8}{'fwd+bwd x':>11}{'rel err':>10}"
+    )
     for name, fwd, bwd, err in rows:
-        print(f"{name:<24}{fwd * 1e3:>14.1f}{bwd * 1e3:>14.1f}{ref_fwd / fwd:>8.1f}{ref_bwd / bwd:>11.1f}{err:>10.1e}")
+        print(
+            f"{name:<24}{fwd * 1e3:>14.1f}{bwd * 1e3:>14.1f}{ref_fwd / fwd:>8.1f}{ref_bwd / bwd:>11.1f}{err:>10.1e}"
+        )
     fwd, bwd = results[default]
-    print(f"{default}: forward {ref_fwd / fwd:.1f}x, forward+backward {ref_bwd / bwd:.1f}x faster than the sequential loop")
+    print(
+        f"{default}: forward {ref_fwd / fwd:.1f}x, forward+backward {ref_bwd / bwd:.1f}x faster than the sequential loop"
+    )
 
 
 if __name__ == "__main__":

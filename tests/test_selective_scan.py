@@ -39,12 +39,18 @@ def make_inputs(
         "u": torch.randn(batch, dim, L, **f64),
         "delta": delta,
         "A": -torch.exp(torch.randn(dim, n_state, **f64)),
-        "B": torch.randn(batch, groups, n_state, L, **f64) if groups > 1 else torch.randn(batch, n_state, L, **f64),
-        "C": torch.randn(batch, groups, n_state, L, **f64) if groups > 1 else torch.randn(batch, n_state, L, **f64),
+        "B": torch.randn(batch, groups, n_state, L, **f64)
+        if groups > 1
+        else torch.randn(batch, n_state, L, **f64),
+        "C": torch.randn(batch, groups, n_state, L, **f64)
+        if groups > 1
+        else torch.randn(batch, n_state, L, **f64),
         "D": torch.randn(dim, **f64) if use_D else None,
         "z": torch.randn(batch, dim, L, **f64) if use_z else None,
         # without softplus the biased step must stay positive, else the scan grows without bound
-        "delta_bias": (torch.randn(dim, **f64) * 0.3 if softplus else torch.rand(dim, **f64) * 0.05) if use_bias else None,
+        "delta_bias": (torch.randn(dim, **f64) * 0.3 if softplus else torch.rand(dim, **f64) * 0.05)
+        if use_bias
+        else None,
     }
 
 
@@ -99,8 +105,12 @@ def test_matches_reference_across_lengths(backend: str, groups: int, L: int, all
 @pytest.mark.parametrize(
     ("use_D", "use_z", "use_bias", "softplus"), list(itertools.product([False, True], repeat=4))
 )
-def test_matches_reference_every_option(backend: str, use_D: bool, use_z: bool, use_bias: bool, softplus: bool) -> None:
-    inputs = make_inputs(64, 2, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus, dim=20, seed=7)
+def test_matches_reference_every_option(
+    backend: str, use_D: bool, use_z: bool, use_bias: bool, softplus: bool
+) -> None:
+    inputs = make_inputs(
+        64, 2, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus, dim=20, seed=7
+    )
     check_against_reference(backend, inputs, softplus, key=("options", use_D, use_z, use_bias, softplus))
 
 
@@ -116,7 +126,9 @@ def test_without_last_state_returns_tensor(backend: str) -> None:
 
 def test_reference_is_the_plain_recurrence() -> None:
     """Guard the oracle itself with a hand-written scalar recurrence."""
-    inputs = make_inputs(9, 1, use_D=True, use_z=True, use_bias=True, softplus=True, batch=1, dim=2, n_state=3)
+    inputs = make_inputs(
+        9, 1, use_D=True, use_z=True, use_bias=True, softplus=True, batch=1, dim=2, n_state=3
+    )
     y = selective_scan_ref(**inputs, delta_softplus=True)
     u, A, B, C, D, z = (inputs[k] for k in ("u", "A", "B", "C", "D", "z"))
     dt = torch.nn.functional.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
@@ -144,7 +156,9 @@ def test_half_precision_inputs(dtype: torch.dtype, backend: str) -> None:
     low = {k: (v.to(dtype) if v is not None else None) for k, v in inputs.items()}
     y = selective_scan(**low, delta_softplus=True, backend=backend)
     assert y.dtype == dtype
-    exact = selective_scan_ref(**{k: (v.double() if v is not None else None) for k, v in low.items()}, delta_softplus=True)
+    exact = selective_scan_ref(
+        **{k: (v.double() if v is not None else None) for k, v in low.items()}, delta_softplus=True
+    )
     assert rel_err(y, exact) < 1e-2
 
 
@@ -243,7 +257,9 @@ def test_fast_exp_accuracy() -> None:
     assert np.max(np.abs(approx - exact) / exact) < 5e-7  # a few float32 ulp
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and mamba_ssm_available()), reason="needs CUDA and mamba-ssm")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and mamba_ssm_available()), reason="needs CUDA and mamba-ssm"
+)
 def test_mamba_ssm_kernel_matches_cpu() -> None:
     inputs = make_inputs(1024, 2, use_D=True, use_z=True, use_bias=True, softplus=True, dim=64)
     cpu = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
@@ -251,3 +267,22 @@ def test_mamba_ssm_kernel_matches_cpu() -> None:
     y_gpu = selective_scan(**gpu, delta_softplus=True, backend="mamba_ssm").cpu()
     y_cpu = selective_scan(**cpu, delta_softplus=True, backend="numba")
     assert rel_err(y_gpu, y_cpu) <= 1e-3
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_channel_last_entry_matches(backend: str) -> None:
+    from memmamba_plugins.ssm import selective_scan_channel_last
+
+    inputs = make_inputs(40, 2, use_D=True, use_z=False, use_bias=True, softplus=True, dim=18)
+    x = {k: (v.float().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    y = selective_scan(**x, delta_softplus=True, backend="reference")
+    y_cl = selective_scan_channel_last(
+        x["u"].transpose(1, 2), x["delta"].transpose(1, 2), x["A"], x["B"].transpose(2, 3), x["C"].transpose(2, 3),
+        x["D"], x["delta_bias"], delta_softplus=True, backend=backend,
+    )  # fmt: skip
+    assert rel_err(y_cl.transpose(1, 2), y) <= OUT_TOL
+    names = ["u", "delta", "A", "B", "C", "D", "delta_bias"]
+    g_ref = torch.autograd.grad(y.square().sum(), [x[n] for n in names])
+    g_cl = torch.autograd.grad(y_cl.square().sum(), [x[n] for n in names])
+    for name, a, b in zip(names, g_cl, g_ref):
+        assert rel_err(a, b) <= GRAD_TOL, name

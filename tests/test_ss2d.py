@@ -48,31 +48,31 @@ def test_bad_levels_raise(levels) -> None:
 
 
 def test_split_merge_roundtrip_and_order() -> None:
-    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    x = torch.arange(2 * 4 * 4 * 3, dtype=torch.float32).reshape(2, 4, 4, 3)
     regions = split_regions(x, 2)
-    assert regions.shape == (8, 3, 2, 2)
-    assert torch.equal(regions[1], x[0, :, :2, 2:])  # second region = top-right quadrant of image 0
-    assert torch.equal(regions[4], x[1, :, :2, :2])
+    assert regions.shape == (8, 2, 2, 3)
+    assert torch.equal(regions[1], x[0, :2, 2:])  # second region = top-right quadrant of image 0
+    assert torch.equal(regions[4], x[1, :2, :2])
     assert torch.equal(merge_regions(regions, 2), x)
 
 
 @pytest.mark.parametrize("level", [1, 2])
 def test_region_level_equals_scanning_each_region_separately(level: int) -> None:
     module = make((level,)).double()
-    x = torch.randn(2, module.d_inner, 8, 8, dtype=torch.float64)
-    batched = module.scan2d(x).permute(0, 3, 1, 2)
+    x = torch.randn(2, 8, 8, module.d_inner, dtype=torch.float64)
+    batched = module.scan2d(x)
     splits, side = 2**level, 8 // 2**level
     for i in range(splits):
         for j in range(splits):
-            region = x[:, :, i * side : (i + 1) * side, j * side : (j + 1) * side]
+            region = x[:, i * side : (i + 1) * side, j * side : (j + 1) * side]
             alone = module.scan_directions(region).sum(1)
-            got = batched[:, :, i * side : (i + 1) * side, j * side : (j + 1) * side]
+            got = batched[:, i * side : (i + 1) * side, j * side : (j + 1) * side]
             torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
 
 
 def test_pyramid_averages_levels_with_shared_weights() -> None:
     module = make((0, 1)).double()
-    x = torch.randn(1, module.d_inner, 8, 8, dtype=torch.float64)
+    x = torch.randn(1, 8, 8, module.d_inner, dtype=torch.float64)
     both = module.scan2d(x)
     module.pyramid_levels = (0,)
     whole = module.scan2d(x)
@@ -84,7 +84,7 @@ def test_pyramid_averages_levels_with_shared_weights() -> None:
 
 def test_transposing_the_input_swaps_row_and_column_directions() -> None:
     module = make().double()
-    x = torch.randn(2, module.d_inner, 5, 7, dtype=torch.float64)
+    x = torch.randn(2, 5, 7, module.d_inner, dtype=torch.float64)
     swapped = make().double()
     swapped.load_state_dict(module.state_dict())
     order = torch.tensor([1, 0, 3, 2])  # row <-> column, reversed row <-> reversed column
@@ -95,12 +95,12 @@ def test_transposing_the_input_swaps_row_and_column_directions() -> None:
         swapped.dt_projs_bias.copy_(module.dt_projs_bias[order])
         swapped.A_logs.copy_(module.A_logs.reshape(4, d, -1)[order].reshape(4 * d, -1))
         swapped.Ds.copy_(module.Ds.reshape(4, d)[order].reshape(-1))
-    per_direction = module.scan_directions(x)  # (B, 4, D, H, W)
-    transposed = swapped.scan_directions(x.transpose(2, 3))  # (B, 4, D, W, H)
+    per_direction = module.scan_directions(x)  # (B, 4, H, W, D)
+    transposed = swapped.scan_directions(x.transpose(1, 2))  # (B, 4, W, H, D)
     # the row scan of x^T (with column weights) is the column contribution of x, and so on
-    torch.testing.assert_close(transposed[:, order].transpose(3, 4), per_direction, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(transposed[:, order].transpose(2, 3), per_direction, rtol=1e-10, atol=1e-10)
     # and without swapping the weights the directions really differ
-    plain = module.scan_directions(x.transpose(2, 3)).transpose(3, 4)
+    plain = module.scan_directions(x.transpose(1, 2)).transpose(2, 3)
     assert not torch.allclose(plain, per_direction)
 
 

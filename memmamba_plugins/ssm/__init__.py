@@ -7,6 +7,7 @@ from .selective_scan import (
     numba_available,
     resolve_backend,
     selective_scan,
+    selective_scan_channel_last,
     selective_scan_ref,
 )
 from .ss2d import DIRECTIONS, SS2D, check_region_size, merge_regions, split_regions
@@ -23,5 +24,6 @@ __all__ = [
     "numba_available",
     "resolve_backend",
     "selective_scan",
+    "selective_scan_channel_last",
     "selective_scan_ref",
 ]

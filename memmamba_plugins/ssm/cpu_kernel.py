@@ -135,7 +135,20 @@ def scan_forward(u, dt, dt_bias, softplus, A_t, B, C, y, last_state):  # pragma:
 
 @nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def scan_backward(
-    u, dt, dt_bias, softplus, A_t, B, C, grad_y, grad_last, grad_u, grad_dt, grad_A_part, grad_B_part, grad_C_part
+    u,
+    dt,
+    dt_bias,
+    softplus,
+    A_t,
+    B,
+    C,
+    grad_y,
+    grad_last,
+    grad_u,
+    grad_dt,
+    grad_A_part,
+    grad_B_part,
+    grad_C_part,
 ):  # pragma: no cover - compiled
     """Backward scan: recompute the states of one channel block, then sweep back in time.
 

@@ -178,7 +178,9 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     # Inclusive scan of h_t = a_t h_{t-1} + x_t inside each chunk (Hillis-Steele doubling).
     step = 1
     while step < chunk:
-        state = torch.cat([state[..., :step, :], state[..., step:, :] + decay[..., step:, :] * state[..., :-step, :]], 3)
+        state = torch.cat(
+            [state[..., :step, :], state[..., step:, :] + decay[..., step:, :] * state[..., :-step, :]], 3
+        )
         decay = torch.cat([decay[..., :step, :], decay[..., step:, :] * decay[..., :-step, :]], 3)
         step *= 2
     # Same scan over the chunk ends gives the state entering each chunk.
@@ -186,8 +188,13 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     carry = state[..., -1, :]
     step = 1
     while step < n_chunks:
-        carry = torch.cat([carry[..., :step, :], carry[..., step:, :] + carry_decay[..., step:, :] * carry[..., :-step, :]], 2)
-        carry_decay = torch.cat([carry_decay[..., :step, :], carry_decay[..., step:, :] * carry_decay[..., :-step, :]], 2)
+        carry = torch.cat(
+            [carry[..., :step, :], carry[..., step:, :] + carry_decay[..., step:, :] * carry[..., :-step, :]],
+            2,
+        )
+        carry_decay = torch.cat(
+            [carry_decay[..., :step, :], carry_decay[..., step:, :] * carry_decay[..., :-step, :]], 2
+        )
         step *= 2
     carry_in = F.pad(carry[..., :-1, :], (0, 0, 1, 0))
     state = state + decay * carry_in.unsqueeze(3)
@@ -197,7 +204,12 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
 
 
 class _NumbaScan(torch.autograd.Function):
-    """Autograd wrapper of the fused CPU kernels (float32, contiguous channel-last buffers)."""
+    """Autograd wrapper of the fused CPU kernels.
+
+    Works on contiguous float32 channel-last buffers: ``u``, ``delta`` ``(batch, L, dim)``,
+    ``A`` ``(dim, N)``, ``B``, ``C`` ``(batch, groups, L, N)``; returns ``y`` ``(batch, L, dim)``
+    (without the ``D`` skip) and the last state ``(batch, dim, N)``.
+    """
 
     @staticmethod
     def forward(
@@ -206,62 +218,41 @@ class _NumbaScan(torch.autograd.Function):
         from . import cpu_kernel
 
         _set_numba_threads()
-        groups_given = B.dim() == 4
-        u_t = u.detach().transpose(1, 2).contiguous()
-        dt_t = delta.detach().transpose(1, 2).contiguous()
+        u, delta, delta_bias, B, C = (t.detach().contiguous() for t in (u, delta, delta_bias, B, C))
         A_t = A.detach().t().contiguous()
-        B_t = _groups_last(B)
-        C_t = _groups_last(C)
-        y = torch.empty_like(u_t)
-        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-        bias = delta_bias.detach().contiguous()
+        y = torch.empty_like(u)
+        last = u.new_empty(u.shape[0], u.shape[2], A.shape[1])
         cpu_kernel.scan_forward(
-            u_t.numpy(), dt_t.numpy(), bias.numpy(), softplus, A_t.numpy(), B_t.numpy(), C_t.numpy(),
+            u.numpy(), delta.numpy(), delta_bias.numpy(), softplus, A_t.numpy(), B.numpy(), C.numpy(),
             y.numpy(), last.numpy(),
         )  # fmt: skip
-        ctx.save_for_backward(u_t, dt_t, bias, A_t, B_t, C_t)
+        ctx.save_for_backward(u, delta, delta_bias, A_t, B, C)
         ctx.softplus = softplus
-        ctx.groups_given = groups_given
-        return y.transpose(1, 2), last
+        return y, last
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None):
         from . import cpu_kernel
 
         _set_numba_threads()
-        u_t, dt_t, bias, A_t, B_t, C_t = ctx.saved_tensors
-        batch, length, dim = u_t.shape
-        groups, n_state = B_t.shape[1], A_t.shape[0]
-        if grad_y is None:
-            grad_y = u_t.new_zeros(batch, dim, length)
-        gy_t = grad_y.transpose(1, 2).contiguous().float()
-        g_last = (grad_last if grad_last is not None else u_t.new_zeros(batch, dim, n_state)).contiguous().float()
+        u, delta, bias, A_t, B, C = ctx.saved_tensors
+        batch, length, dim = u.shape
+        groups, n_state = B.shape[1], A_t.shape[0]
+        grad_y = u.new_zeros(u.shape) if grad_y is None else grad_y.contiguous().float()
+        grad_last = u.new_zeros(batch, dim, n_state) if grad_last is None else grad_last.contiguous().float()
         blocks = cpu_kernel.blocks_per_group(dim, groups)
-        grad_u = torch.empty_like(u_t)
-        grad_dt = torch.empty_like(u_t)
-        grad_A = u_t.new_empty(batch, n_state, dim)
-        grad_B = u_t.new_empty(batch, groups, blocks, length, n_state)
-        grad_C = u_t.new_empty(batch, groups, blocks, length, n_state)
+        grad_u = torch.empty_like(u)
+        grad_dt = torch.empty_like(u)
+        grad_A = u.new_empty(batch, n_state, dim)
+        grad_B = u.new_empty(batch, groups, blocks, length, n_state)
+        grad_C = u.new_empty(batch, groups, blocks, length, n_state)
         cpu_kernel.scan_backward(
-            u_t.numpy(), dt_t.numpy(), bias.numpy(), ctx.softplus, A_t.numpy(), B_t.numpy(), C_t.numpy(),
-            gy_t.numpy(), g_last.numpy(),
+            u.numpy(), delta.numpy(), bias.numpy(), ctx.softplus, A_t.numpy(), B.numpy(), C.numpy(),
+            grad_y.numpy(), grad_last.numpy(),
             grad_u.numpy(), grad_dt.numpy(), grad_A.numpy(), grad_B.numpy(), grad_C.numpy(),
         )  # fmt: skip
-        grad_B = grad_B.sum(2).transpose(2, 3)
-        grad_C = grad_C.sum(2).transpose(2, 3)
-        if not ctx.groups_given:
-            grad_B, grad_C = grad_B.squeeze(1), grad_C.squeeze(1)
         grad_bias = grad_dt.sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return (
-            grad_u.transpose(1, 2), grad_dt.transpose(1, 2), grad_bias, None, grad_A.sum(0).t(), grad_B, grad_C
-        )
-
-
-def _groups_last(mat: Tensor) -> Tensor:
-    """``(batch, [groups,] N, L)`` -> contiguous ``(batch, groups, L, N)``."""
-    if mat.dim() == 3:
-        mat = mat.unsqueeze(1)
-    return mat.detach().transpose(2, 3).contiguous()
+        return grad_u, grad_dt, grad_bias, None, grad_A.sum(0).t(), grad_B.sum(2), grad_C.sum(2)
 
 
 def _set_numba_threads() -> None:
@@ -328,7 +319,18 @@ def selective_scan(
     A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
     if name == "numba":
         bias = delta_bias.to(compute) if delta_bias is not None else u_c.new_zeros(u_c.shape[1])
-        y, last = _NumbaScan.apply(u_c, delta_c, bias, delta_softplus, A_c, B_c, C_c)
+        B4 = B_c if B_c.dim() == 4 else B_c.unsqueeze(1)
+        C4 = C_c if C_c.dim() == 4 else C_c.unsqueeze(1)
+        y, last = _NumbaScan.apply(
+            u_c.transpose(1, 2),
+            delta_c.transpose(1, 2),
+            bias,
+            delta_softplus,
+            A_c,
+            B4.transpose(2, 3),
+            C4.transpose(2, 3),
+        )
+        y = y.transpose(1, 2)
     else:
         if delta_bias is not None:
             delta_c = delta_c + delta_bias.to(compute)[:, None]
@@ -343,6 +345,56 @@ def selective_scan(
     return (y, last) if return_last_state else y
 
 
+def selective_scan_channel_last(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`selective_scan` on channel-last tensors, without copies to the channel-first layout.
+
+    The CPU kernel works channel-last, so callers that already hold their sequences that way (SS2D)
+    skip two transposes of every input and one of the output.
+
+    Args:
+        u, delta: ``(batch, L, dim)``.
+        A: ``(dim, N)``.
+        B, C: ``(batch, groups, L, N)``.
+        D, delta_bias, delta_softplus, backend: as in :func:`selective_scan`.
+
+    Returns:
+        ``y`` of shape ``(batch, L, dim)`` in the dtype of ``u``.
+    """
+    if u.dim() != 3 or B.dim() != 4 or C.dim() != 4:
+        raise ValueError(
+            f"channel-last scan needs u (batch, L, dim) and B, C (batch, groups, L, N); got u {tuple(u.shape)}, "
+            f"B {tuple(B.shape)}, C {tuple(C.shape)}."
+        )
+    name = resolve_backend(backend, u)
+    if name != "numba":
+        y = selective_scan(
+            u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(2, 3), C.transpose(2, 3), D,
+            delta_bias=delta_bias, delta_softplus=delta_softplus, backend=name,
+        )  # fmt: skip
+        return y.transpose(1, 2)
+    _check_inputs(
+        u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(2, 3), C.transpose(2, 3), D, None, delta_bias
+    )
+    _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
+    dtype_in = u.dtype
+    u_c = u.float()
+    bias = delta_bias.float() if delta_bias is not None else u_c.new_zeros(u_c.shape[2])
+    y, _ = _NumbaScan.apply(u_c, delta.float(), bias, delta_softplus, A.float(), B.float(), C.float())
+    if D is not None:
+        y = y + u_c * D.float()
+    return y.to(dtype_in)
+
+
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
@@ -351,5 +403,6 @@ __all__ = [
     "numba_available",
     "resolve_backend",
     "selective_scan",
+    "selective_scan_channel_last",
     "selective_scan_ref",
 ]

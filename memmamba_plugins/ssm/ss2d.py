@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .selective_scan import selective_scan
+from .selective_scan import selective_scan_channel_last
 
 #: Scan directions, in the order of the per-direction parameters (VMamba's order).
 DIRECTIONS: tuple[str, ...] = ("row", "column", "row_reversed", "column_reversed")
@@ -52,18 +52,17 @@ def check_region_size(height: int, width: int, levels: Sequence[int]) -> None:
 
 
 def split_regions(x: Tensor, splits: int) -> Tensor:
-    """``(B, D, H, W)`` -> ``(B * splits^2, D, H / splits, W / splits)``, regions row-major."""
-    b, d, h, w = x.shape
-    x = x.reshape(b, d, splits, h // splits, splits, w // splits)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * splits * splits, d, h // splits, w // splits)
+    """``(B, H, W, D)`` -> ``(B * splits^2, H / splits, W / splits, D)``, regions row-major."""
+    b, h, w, d = x.shape
+    x = x.reshape(b, splits, h // splits, splits, w // splits, d)
+    return x.transpose(2, 3).reshape(b * splits * splits, h // splits, w // splits, d)
 
 
 def merge_regions(x: Tensor, splits: int) -> Tensor:
     """Inverse of :func:`split_regions`."""
-    bs, d, h, w = x.shape
-    b = bs // (splits * splits)
-    x = x.reshape(b, splits, splits, d, h, w)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, d, splits * h, splits * w)
+    bs, h, w, d = x.shape
+    x = x.reshape(bs // (splits * splits), splits, splits, h, w, d)
+    return x.transpose(2, 3).reshape(bs // (splits * splits), splits * h, splits * w, d)
 
 
 class SS2D(nn.Module):
@@ -137,7 +136,9 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._dt_init = dict(dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale, floor=dt_init_floor)
+        self._dt_init = dict(
+            dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale, floor=dt_init_floor
+        )
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -152,7 +153,9 @@ class SS2D(nn.Module):
         else:
             raise ValueError(f"dt_init must be 'random' or 'constant', got {cfg['dt_init']!r}.")
         log_min, log_max = math.log(cfg["dt_min"]), math.log(cfg["dt_max"])
-        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (log_max - log_min) + log_min).clamp(min=cfg["floor"])
+        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (log_max - log_min) + log_min).clamp(
+            min=cfg["floor"]
+        )
         self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
         self.A_logs.copy_(torch.log(a).expand_as(self.A_logs))
@@ -168,51 +171,59 @@ class SS2D(nn.Module):
         """
         return x
 
-    def scan_directions(self, x: Tensor) -> Tensor:
-        """Scan ``x`` ``(B, D, H, W)`` in the four directions.
-
-        Returns:
-            ``(B, 4, D, H, W)``: each direction's output, placed back on the grid.
-        """
-        b, d, h, w = x.shape
+    def _scan(self, x: Tensor) -> Tensor:
+        """Scan ``x`` ``(B, H, W, D)`` in the four directions; ``(B, L, 4, D)`` in scan order."""
+        b, h, w, d = x.shape
         length = h * w
         k = len(DIRECTIONS)
-        rows = x.reshape(b, d, length)
-        cols = x.transpose(2, 3).reshape(b, d, length)
-        xs = torch.stack([rows, cols], dim=1)
-        xs = torch.cat([xs, xs.flip(-1)], dim=1)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        y = selective_scan(
-            xs.reshape(b, k * d, length),
-            dts.reshape(b, k * d, length),
+        rows = x.reshape(b, length, d)
+        cols = x.transpose(1, 2).reshape(b, length, d)
+        # channel-last all the way: the CPU kernel reads it without copies
+        xs = torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)  # (B, L, K, D)
+        x_dbl = torch.einsum("blkd,kcd->blkc", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
+        dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight)
+        y = selective_scan_channel_last(
+            xs.reshape(b, length, k * d),
+            dts.reshape(b, length, k * d),
             -torch.exp(self.A_logs.float()),
-            Bs.contiguous(),
-            Cs.contiguous(),
+            Bs.transpose(1, 2),
+            Cs.transpose(1, 2),
             D=self.Ds.float(),
             delta_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
             backend=self.backend,
-        ).reshape(b, k, d, length)
-        row = y[:, 0].reshape(b, d, h, w)
-        col = y[:, 1].reshape(b, d, w, h).transpose(2, 3)
-        row_rev = y[:, 2].flip(-1).reshape(b, d, h, w)
-        col_rev = y[:, 3].flip(-1).reshape(b, d, w, h).transpose(2, 3)
-        return torch.stack([row, col, row_rev, col_rev], dim=1)
+        )
+        return y.reshape(b, length, k, d)
+
+    @staticmethod
+    def _to_grid(y: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Put each direction's ``(B, L, 4, D)`` output back on the ``(B, H, W, D)`` grid."""
+        b, _, _, d = y.shape
+        row = y[:, :, 0].reshape(b, h, w, d)
+        col = y[:, :, 1].reshape(b, w, h, d).transpose(1, 2)
+        row_rev = y[:, :, 2].flip(1).reshape(b, h, w, d)
+        col_rev = y[:, :, 3].flip(1).reshape(b, w, h, d).transpose(1, 2)
+        return row, col, row_rev, col_rev
+
+    def scan_directions(self, x: Tensor) -> Tensor:
+        """Each direction's output on the grid: ``(B, H, W, D) -> (B, 4, H, W, D)`` (order of ``DIRECTIONS``)."""
+        return torch.stack(self._to_grid(self._scan(x), x.shape[1], x.shape[2]), dim=1)
 
     def scan2d(self, x: Tensor) -> Tensor:
-        """Cross-scan, merge and average the pyramid levels: ``(B, D, H, W) -> (B, H, W, D)``."""
-        check_region_size(x.shape[2], x.shape[3], self.pyramid_levels)
+        """Cross-scan, merge by sum and average the pyramid levels: ``(B, H, W, D) -> (B, H, W, D)``."""
+        check_region_size(x.shape[1], x.shape[2], self.pyramid_levels)
         out = None
         for level in self.pyramid_levels:
             splits = 2**level
             regions = split_regions(x, splits) if splits > 1 else x
-            y = self.scan_directions(regions).sum(1)
+            row, col, row_rev, col_rev = self._to_grid(
+                self._scan(regions), regions.shape[1], regions.shape[2]
+            )
+            y = row + col + row_rev + col_rev
             y = merge_regions(y, splits) if splits > 1 else y
             out = y if out is None else out + y
-        out = out / len(self.pyramid_levels)
-        return out.permute(0, 2, 3, 1)
+        return out / len(self.pyramid_levels)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
@@ -224,7 +235,7 @@ class SS2D(nn.Module):
         else:
             x, z = xz, None
         x = self.conv2d(x.permute(0, 3, 1, 2))
-        x = self.act(self.condition(x))
+        x = self.act(self.condition(x)).permute(0, 2, 3, 1)
         y = self.scan2d(x).to(x.dtype)
         y = self.out_norm(y)
         if z is not None:
