@@ -1,0 +1,93 @@
+"""Let torch >= 2.6's ``weights_only`` loading read mmengine 0.10.7 checkpoints, without disabling it.
+
+mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; since torch 2.6 that means
+``weights_only=True``, and resume / ``mim test --checkpoint`` fail with "Weights only load failed"
+because an mmengine checkpoint's ``message_hub`` holds :class:`HistoryBuffer` objects (numpy arrays
+inside), and each buffer pickles its statistics methods as ``getattr(HistoryBuffer, 'min')`` etc.
+
+Instead of ``weights_only=False`` (arbitrary code execution from a checkpoint), we allowlist exactly
+those globals with :func:`torch.serialization.add_safe_globals`:
+
+* ``HistoryBuffer`` (plain data) and the numpy array / dtype / scalar reconstructors (the set
+  torch's own documentation names for numpy);
+* ``builtins.getattr`` is bound to :func:`restricted_getattr`, which only returns
+  ``HistoryBuffer``'s own statistics methods. Allowlisting the real ``getattr`` would let a
+  checkpoint walk from any allowed object to ``__globals__`` and ``eval``.
+
+Every other global still makes ``torch.load`` refuse the file.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import numpy as np
+import torch
+from mmengine.logging import HistoryBuffer
+from mmengine.registry import RUNNERS  # the root registry: mmpretrain.tools.train builds runner_type there
+from mmengine.runner import Runner
+
+#: Name under which pickle records ``getattr`` (protocol 2 writes ``__builtin__``, torch maps it).
+GETATTR_NAME = "builtins.getattr"
+#: HistoryBuffer's built-in statistics; its instances pickle references to these methods.
+HISTORY_STATISTICS: frozenset[str] = frozenset({"min", "max", "current", "mean"})
+
+
+def _numpy_globals() -> list[tuple[Any, str]]:
+    """numpy reconstructors under both module spellings (numpy 1 ``numpy.core``, numpy 2 ``numpy._core``)."""
+    multiarray = np.core.multiarray if not hasattr(np, "_core") else np._core.multiarray
+    result: list[tuple[Any, str]] = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        result.append((multiarray._reconstruct, f"{module}._reconstruct"))
+        result.append((multiarray.scalar, f"{module}.scalar"))
+    result += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for name in dir(getattr(np, "dtypes", None)):  # numpy >= 1.25: one class per dtype
+        cls = getattr(np.dtypes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype):
+            result.append((cls, f"numpy.dtypes.{name}"))
+    return result
+
+
+def restricted_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` limited to ``HistoryBuffer``'s registered statistics methods (what checkpoints use)."""
+    # The class-level registry only fills on first instantiation, hence the fixed built-in set.
+    allowed = HISTORY_STATISTICS | set(HistoryBuffer._statistics_methods)
+    if obj is HistoryBuffer and name in allowed:
+        return getattr(HistoryBuffer, name)
+    raise torch.serialization.pickle.UnpicklingError(
+        f"Refusing getattr({obj!r}, {name!r}) while loading a checkpoint: only HistoryBuffer statistics "
+        f"methods {sorted(allowed)} are allowlisted by memmamba_plugins."
+    )
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Allowlist the globals of mmengine checkpoints for ``torch.load(weights_only=True)``; idempotent."""
+    if not hasattr(torch.serialization, "add_safe_globals"):  # torch < 2.4 loads them anyway
+        return
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, (restricted_getattr, GETATTR_NAME), *_numpy_globals()]
+    )
+
+
+#: The only torch.distributed backend that runs without GPUs.
+CPU_DIST_BACKEND = "gloo"
+
+
+@RUNNERS.register_module()
+class CPUDistributedRunner(Runner):
+    """mmengine ``Runner`` that can take the ``--launcher pytorch`` path on hosts without CUDA.
+
+    mmengine 0.10.7's ``_init_dist_pytorch`` always calls ``torch.cuda.set_device(local_rank)``,
+    which raises on a CPU host before any process group exists. The Runner only initialises the
+    process group when none exists yet, so this subclass creates a gloo group first when CUDA is
+    unavailable and otherwise behaves exactly like ``Runner``. Select it with
+    ``--cfg-options runner_type=CPUDistributedRunner`` (a smoke test of the multi-GPU path on CPU).
+    """
+
+    def setup_env(self, env_cfg: dict) -> None:  # noqa: D102 - see the class docstring
+        if self.distributed and not torch.cuda.is_available() and not torch.distributed.is_initialized():
+            timeout = env_cfg.get("dist_cfg", {}).get("timeout")
+            kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+            torch.distributed.init_process_group(backend=CPU_DIST_BACKEND, **kwargs)
+        super().setup_env(env_cfg)

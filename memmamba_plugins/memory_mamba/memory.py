@@ -1,0 +1,165 @@
+"""Coarse/fine memory encoding and fusion of the Mem-SSM block.
+
+Reference:
+    MemoryMamba: Memory-Augmented State Space Model for Defect Recognition, Sec. 4.2.1
+    (memory encoding, Eqs. 14-18) and Sec. 4.2.2 (fusion module, Eqs. 19-22).
+
+The memory read-outs and the fusion sit inside SS2D, between the depthwise convolution and the
+SiLU before the scan -- where the official MemoryMamba code puts them. :class:`MemSS2D` overrides
+the :meth:`SS2D.condition` hook for this and stashes what the memory losses need
+(:class:`MemoryState`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memmamba_plugins.ssm import SS2D
+
+#: Similarity functions of the fusion module compared in the paper (Sec. 5.5, Fig. 3).
+SIMILARITIES: tuple[str, ...] = ("cosine", "l1", "l2")
+#: Scale of the fused memory read-outs added to Z (the official code adds ``0.1 * x_c' + 0.1 * x_f'``).
+DEFAULT_FUSION_SCALE = 0.1
+#: Std of the truncated-normal init of the memory slots (small, like token embeddings).
+SLOT_INIT_STD = 0.02
+
+
+@dataclass
+class MemoryState:
+    """What one Mem-SSM block hands to the memory losses (Sec. 4.3).
+
+    Attributes:
+        coarse_query: ``(B, c)`` coarse query vectors ``h_c`` (Eq. 16), or ``None`` without coarse memory.
+        coarse_attn: ``(B, c)`` softmax attention ``alpha_c`` over the coarse slots (Eq. 17).
+        fine_attn: ``(B, f)`` softmax attention ``alpha_f`` over the fine slots.
+        fine_z: ``(B, E)`` projection of the pooled intermediate feature ``Z_i`` for InfoNCE (Eq. 24).
+        fine_readout: ``(B, E)`` projection of the fine read-out ``M_f`` ("processed through an MLP").
+    """
+
+    coarse_query: Tensor | None = None
+    coarse_attn: Tensor | None = None
+    fine_attn: Tensor | None = None
+    fine_z: Tensor | None = None
+    fine_readout: Tensor | None = None
+
+
+def similarity(a: Tensor, b: Tensor, kind: str = "cosine") -> Tensor:
+    """Similarity score ``beta`` between pooled vectors (Eq. 21), ``(B, D), (B, D) -> (B, 1)``.
+
+    ``cosine`` lies in ``[-1, 1]``. The distances are turned into similarities in ``(0, 1]`` by
+    ``1 / (1 + d)``, with ``d`` the mean absolute (L1) or root-mean-square (L2) difference so that
+    the score does not depend on the channel count.
+    """
+    if kind == "cosine":
+        return F.cosine_similarity(a, b, dim=-1).unsqueeze(-1)
+    if kind == "l1":
+        dist = (a - b).abs().mean(-1, keepdim=True)
+    elif kind == "l2":
+        dist = (a - b).pow(2).mean(-1, keepdim=True).sqrt()
+    else:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {kind!r}.")
+    return 1.0 / (1.0 + dist)
+
+
+class MemoryBank(nn.Module):
+    """A memory of learned slots read by softmax attention (Eqs. 16-18).
+
+    Args:
+        dim: channels of the feature map and of each memory slot.
+        num_slots: memory size (``c`` or ``f`` in the paper).
+        hidden: width of the encoded feature the query reads (output of ``mem_conv``).
+    """
+
+    def __init__(self, dim: int, num_slots: int, hidden: int) -> None:
+        super().__init__()
+        if num_slots < 1:
+            raise ValueError(f"A memory needs at least one slot, got {num_slots}.")
+        # Second half of the query MLP; its first layer is the block's shared ``mem_conv``.
+        self.query = nn.Sequential(nn.GELU(), nn.Linear(hidden, num_slots))
+        self.slots = nn.Parameter(torch.empty(num_slots, dim))
+        nn.init.trunc_normal_(self.slots, std=SLOT_INIT_STD)
+
+    def forward(self, feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, hidden)`` encoded feature -> query ``h`` ``(B, S)``, attention ``alpha`` ``(B, S)``, read-out ``(B, D)``."""
+        query = self.query(feat)
+        attn = query.softmax(dim=-1)
+        return query, attn, attn @ self.slots
+
+
+class MemSS2D(SS2D):
+    """SS2D with the coarse/fine memories and the fusion module at its conditioning hook.
+
+    Args:
+        d_model: block channels (see :class:`SS2D`).
+        coarse_slots: coarse memory size ``c``; ``0`` removes the coarse memory (ablation "w/o CMN").
+        fine_slots: fine memory size ``f``; ``0`` removes the fine memory (ablation "w/o FMN").
+        use_fusion: weight the read-outs by their similarity to ``Z`` (Eqs. 19-22); ``False`` adds
+            them unweighted (ablation "w/o Fusion").
+        similarity: ``"cosine"``, ``"l1"`` or ``"l2"`` (Sec. 5.5).
+        fusion_scale: factor on the fused read-outs before the broadcast add to ``Z``.
+        mem_hidden_ratio: hidden width of the query MLPs as a fraction of the inner width.
+        nce_dim: width of the InfoNCE projections of ``Z`` and the fine read-out.
+        **ss2d_kwargs: forwarded to :class:`SS2D`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        coarse_slots: int = 12,
+        fine_slots: int = 12,
+        use_fusion: bool = True,
+        similarity: str = "cosine",
+        fusion_scale: float = DEFAULT_FUSION_SCALE,
+        mem_hidden_ratio: float = 0.25,
+        nce_dim: int = 64,
+        **ss2d_kwargs,
+    ) -> None:
+        super().__init__(d_model, **ss2d_kwargs)
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
+        d = self.d_inner
+        self.similarity = similarity
+        self.use_fusion = use_fusion
+        self.fusion_scale = fusion_scale
+        self.has_memory = coarse_slots > 0 or fine_slots > 0
+        hidden = max(8, int(d * mem_hidden_ratio))
+        # Eq. 14's convolution, narrowed to ``hidden`` channels: it is the first layer of both
+        # query MLPs (Eq. 16). A 1x1 conv followed by the global pooling the queries need equals
+        # pooling followed by a linear map, which costs H*W times less; that is how it is computed.
+        self.mem_conv = nn.Linear(d, hidden) if self.has_memory else None
+        self.coarse = MemoryBank(d, coarse_slots, hidden) if coarse_slots > 0 else None
+        self.fine = MemoryBank(d, fine_slots, hidden) if fine_slots > 0 else None
+        if self.fine is not None:
+            # "Z_i and their memory representations M_f, processed through an MLP" (Sec. 4.3.2).
+            self.nce_z = nn.Linear(d, nce_dim)
+            self.nce_mem = nn.Sequential(nn.Linear(d, nce_dim), nn.GELU(), nn.Linear(nce_dim, nce_dim))
+        self.last_state: MemoryState | None = None
+
+    def condition(self, x: Tensor) -> Tensor:
+        """Read both memories from ``Z`` ``(B, D, H, W)`` and broadcast-add the fused read-outs."""
+        self.last_state = None
+        if not self.has_memory:
+            return x
+        z = x.mean(dim=(2, 3))  # Pooling(Z_i), Eq. 20
+        encoded = self.mem_conv(z)
+        state = MemoryState()
+        fused = torch.zeros_like(z)
+        for name, bank in (("coarse", self.coarse), ("fine", self.fine)):
+            if bank is None:
+                continue
+            query, attn, readout = bank(encoded)
+            # The read-out is already a vector per sample, so Pooling(M) (Eq. 19) is the identity.
+            weight = similarity(readout, z, self.similarity) if self.use_fusion else 1.0
+            fused = fused + weight * readout
+            if name == "coarse":
+                state.coarse_query, state.coarse_attn = query, attn
+            else:
+                state.fine_attn = attn
+                state.fine_z = self.nce_z(z)
+                state.fine_readout = self.nce_mem(readout)
+        self.last_state = state
+        return x + self.fusion_scale * fused[:, :, None, None]
