@@ -2,31 +2,44 @@
 
 Why numba: the scan is a recurrence over the sequence, so it cannot be written as a few large
 tensor operations without paying for a ``(batch, dim, L, N)`` intermediate several times over
-(memory-bound on a CPU). A fused loop touches every input once and keeps the state in registers
-and L1. numba compiles such loops to vectorised machine code at first use, ships as a binary
-wheel for every platform torch supports, and needs no C++ toolchain on the user's machine.
+(memory-bound on a CPU). A fused loop touches every input once and keeps the state in L1. numba
+compiles such loops to vectorised machine code at first use, ships as a binary wheel for every
+platform torch supports, and needs no C++ toolchain on the user's machine.
 
-Layout: the kernels work channel-last -- ``u``, ``dt``, ``y`` as ``(batch, L, dim)`` and
-``B``, ``C`` as ``(batch, groups, L, N)`` -- and process ``LANES`` channels of one group at a
-time, so the innermost loop runs over contiguous channels with no horizontal reductions and
-``B[t, n]`` / ``C[t, n]`` are broadcast scalars. Parallelism is over (batch, channel block).
+Layout (channel-last, ``Dg`` channels per parameter group):
 
-Only float32 is compiled: :func:`_exp` is a float32 polynomial (relative error < 5e-7, checked
-in the tests); float64 inputs go to the pure-PyTorch path instead.
+* ``u``     ``(batch, L, U, Dg)``  -- ``U`` is 1 when every scan order reads the same input (SS2D);
+* ``delta`` ``(batch, L, G, Dg)``  -- step sizes, already biased and soft-plussed;
+* ``A``     ``(G, N, Dg)``; ``B``, ``C`` ``(batch, L, G, N)``; ``D`` ``(G, Dg)``;
+* ``y``     ``(batch, L, Y, Dg)``  -- ``Y`` is 1 when the orders' outputs are summed (SS2D).
+
+A *scan order* ``s`` walks the ``L`` positions in the order ``positions[s]``, uses the parameters
+of group ``group_of[s]``, reads ``u[..., u_of[s], :]``, adds its output to ``y[..., y_of[s], :]`` and
+restarts from a zero state every ``segment[s]`` steps. Plain Mamba is one order per group in
+sequence order; SS2D's four directions (and the Pyramid-Mamba sub-region scans, as segments) are
+orders over the same grid, so no flipped, transposed or region-split copy of the map is made.
+
+One task owns ``LANES`` channels of one batch element and runs every order for them, so the sums
+over orders (``y``, ``grad_u``, ``grad_delta``) need no locks. The innermost loops run over the
+``LANES`` contiguous channels with a constant trip count (LLVM turns them into AVX/NEON code),
+so ``Dg`` must be a multiple of ``LANES``; the caller pads other widths with zero channels.
+
+Only float32 is compiled: :func:`_exp` is a float32 polynomial (relative error < 5e-7, checked in
+the tests); float64 inputs go to the pure-PyTorch path instead.
 """
 
 from __future__ import annotations
-
-import math
 
 import numba as nb
 import numpy as np
 
 #: Channels processed together by one task; 16 float32 = two AVX2 registers.
 LANES = 16
+#: Steps between the states the backward pass keeps; a chunk's states and decays stay in L1/L2.
+CHECKPOINT = 16
 
-# Reassociation lets LLVM vectorise the lane loops; no ``nnan``/``ninf`` because the scan must
-# keep IEEE semantics for large but finite values.
+# Reassociation lets LLVM vectorise the lane reductions of the backward pass; no ``nnan``/``ninf``
+# because the scan must keep IEEE semantics for large but finite values.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -34,16 +47,21 @@ _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_MIN = np.float32(-87.0)  # exp(-87) ~ 1.6e-38, just above the float32 normal range
 _EXP_MAX = np.float32(88.0)
+_EXP_BIAS = np.int32(128)  # keeps x * log2(e) + bias positive so truncation rounds
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
 def _exp(x: np.float32) -> np.float32:  # pragma: no cover - compiled
-    """float32 ``exp`` that LLVM can vectorise (Cody-Waite reduction + degree-6 Taylor)."""
+    """float32 ``exp`` that LLVM can vectorise (Cody-Waite reduction + degree-6 Taylor).
+
+    Every integer step is kept in int32 on purpose: numba widens int arithmetic to int64, and
+    int64 -> float32 conversion has no AVX2 instruction, which would make the loop scalar.
+    """
     x = x if x > _EXP_MIN else _EXP_MIN
     x = x if x < _EXP_MAX else _EXP_MAX
-    # round-to-nearest of x*log2(e) via truncation of a positive number
-    k = np.float32(np.int32(x * _LOG2E + np.float32(128.5)) - np.int32(128))
-    r = x - k * _LN2_HI - k * _LN2_LO
+    k = np.int32(np.int32(x * _LOG2E + np.float32(128.5)) - _EXP_BIAS)
+    kf = np.float32(k)
+    r = x - kf * _LN2_HI - kf * _LN2_LO
     p = np.float32(1.0 / 720.0)
     p = p * r + np.float32(1.0 / 120.0)
     p = p * r + np.float32(1.0 / 24.0)
@@ -51,27 +69,8 @@ def _exp(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    scale = np.int32((np.int32(k) + np.int32(127)) << np.int32(23)).view(np.float32)
+    scale = np.int32(np.int32(k + np.int32(127)) << np.int32(23)).view(np.float32)
     return p * scale
-
-
-_SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch.nn.functional.softplus's default threshold
-
-
-@nb.njit(inline="always", cache=True)
-def _step(raw: np.float32, softplus: bool) -> np.float32:  # pragma: no cover - compiled
-    """Step size from the biased raw ``delta``: softplus (as torch, linear above 20) or identity."""
-    if softplus and raw <= _SOFTPLUS_THRESHOLD:
-        return np.float32(math.log1p(math.exp(raw)))
-    return raw
-
-
-@nb.njit(inline="always", cache=True)
-def _step_grad(raw: np.float32, softplus: bool) -> np.float32:  # pragma: no cover - compiled
-    """Derivative of :func:`_step`."""
-    if softplus and raw <= _SOFTPLUS_THRESHOLD:
-        return np.float32(1.0 / (1.0 + math.exp(-raw)))
-    return np.float32(1.0)
 
 
 @nb.njit(fastmath=_FASTMATH, cache=True)
@@ -84,164 +83,229 @@ def exp_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_forward(u, dt, dt_bias, softplus, A_t, B, C, y, last_state):  # pragma: no cover - compiled
-    """Forward scan.
+def scan_forward(
+    u, delta, A, B, C, D, positions, segment, group_of, u_of, y_of, y, last_state
+):  # pragma: no cover - compiled
+    """Forward scan of every order; adds into ``y`` (the caller zeroes it).
 
     Args:
-        u, dt: ``(batch, L, dim)`` float32; ``dt`` is the raw ``delta``.
-        dt_bias: ``(dim,)`` added to ``dt`` before the optional softplus.
-        softplus: apply softplus to the biased ``dt``.
-        A_t: ``(N, dim)`` float32 (transposed ``A``).
-        B, C: ``(batch, groups, L, N)`` float32.
-        y: output ``(batch, L, dim)``; receives ``sum_n C[t, n] * h[t, n]``.
-        last_state: output ``(batch, dim, N)``.
+        u, delta, A, B, C, D: see the module docstring.
+        positions: ``(S, L)`` int64, the position visited at each step of order ``s``.
+        segment: ``(S,)`` int64, the state restarts from zero every ``segment[s]`` steps.
+        group_of, u_of, y_of: ``(S,)`` int64, parameter group / input slot / output slot of ``s``.
+        y: ``(batch, L, Y, Dg)`` float32, accumulated.
+        last_state: ``(batch, S, Dg, N)`` float32, the state after each order's last step.
     """
-    batch, length, dim = u.shape
-    n_state = A_t.shape[0]
-    groups = B.shape[1]
-    per_group = dim // groups
-    blocks = (per_group + LANES - 1) // LANES
-    for task in nb.prange(batch * groups * blocks):
-        b = task // (groups * blocks)
-        g = (task // blocks) % groups
-        d0 = g * per_group + (task % blocks) * LANES
-        w = min(LANES, g * per_group + per_group - d0)
-        a = np.empty((n_state, LANES), np.float32)
+    batch, length = u.shape[0], u.shape[1]
+    dg = u.shape[3]
+    n_state = A.shape[1]
+    orders = positions.shape[0]
+    blocks = dg // LANES
+    for task in nb.prange(batch * blocks):
+        b = task // blocks
+        d0 = (task % blocks) * LANES
+        a = np.zeros((n_state, LANES), np.float32)
         h = np.zeros((n_state, LANES), np.float32)
-        for n in range(n_state):
-            for j in range(w):
-                a[n, j] = A_t[n, d0 + j]
-        dtv = np.empty(LANES, np.float32)
-        drive = np.empty(LANES, np.float32)
-        acc = np.empty(LANES, np.float32)
-        for t in range(length):
-            for j in range(w):
-                dtv[j] = _step(dt[b, t, d0 + j] + dt_bias[d0 + j], softplus)
-                drive[j] = dtv[j] * u[b, t, d0 + j]
-                acc[j] = 0.0
+        skip = np.zeros(LANES, np.float32)
+        dtv = np.zeros(LANES, np.float32)
+        drive = np.zeros(LANES, np.float32)
+        acc = np.zeros(LANES, np.float32)
+        for s in range(orders):
+            g = group_of[s]
+            ui = u_of[s]
+            yi = y_of[s]
+            seg = segment[s]
             for n in range(n_state):
-                bn = B[b, g, t, n]
-                cn = C[b, g, t, n]
-                for j in range(w):
-                    hv = _exp(dtv[j] * a[n, j]) * h[n, j] + drive[j] * bn
-                    h[n, j] = hv
-                    acc[j] += cn * hv
-            for j in range(w):
-                y[b, t, d0 + j] = acc[j]
-        for n in range(n_state):
-            for j in range(w):
-                last_state[b, d0 + j, n] = h[n, j]
+                for j in range(LANES):
+                    a[n, j] = A[g, n, d0 + j]
+            for j in range(LANES):
+                skip[j] = D[g, d0 + j]
+            count = 0
+            for t in range(length):
+                if count == 0:
+                    h[:] = 0.0
+                count += 1
+                if count == seg:
+                    count = 0
+                p = positions[s, t]
+                for j in range(LANES):
+                    uv = u[b, p, ui, d0 + j]
+                    dtv[j] = delta[b, p, g, d0 + j]
+                    drive[j] = dtv[j] * uv
+                    acc[j] = skip[j] * uv
+                for n in range(n_state):
+                    bn = B[b, p, g, n]
+                    cn = C[b, p, g, n]
+                    for j in range(LANES):
+                        hv = _exp(dtv[j] * a[n, j]) * h[n, j] + drive[j] * bn
+                        h[n, j] = hv
+                        acc[j] += cn * hv
+                for j in range(LANES):
+                    y[b, p, yi, d0 + j] += acc[j]
+            for n in range(n_state):
+                for j in range(LANES):
+                    last_state[b, s, d0 + j, n] = h[n, j]
 
 
 @nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def scan_backward(
     u,
-    dt,
-    dt_bias,
-    softplus,
-    A_t,
+    delta,
+    A,
     B,
     C,
+    D,
+    positions,
+    segment,
+    group_of,
+    u_of,
+    y_of,
     grad_y,
     grad_last,
     grad_u,
-    grad_dt,
+    grad_delta,
     grad_A_part,
     grad_B_part,
     grad_C_part,
+    grad_D_part,
 ):  # pragma: no cover - compiled
-    """Backward scan: recompute the states of one channel block, then sweep back in time.
+    """Backward scan: per chunk of ``CHECKPOINT`` steps, recompute the states, then sweep back.
 
     Args:
-        u, dt, dt_bias, softplus, A_t, B, C: as in :func:`scan_forward`.
-        grad_y: ``(batch, L, dim)`` gradient of ``y``.
-        grad_last: ``(batch, dim, N)`` gradient of the last state (zeros if unused).
-        grad_u, grad_dt: outputs ``(batch, L, dim)``; ``grad_dt`` is w.r.t. the raw ``dt``.
-        grad_A_part: output ``(batch, N, dim)``, summed over batch by the caller.
-        grad_B_part, grad_C_part: outputs ``(batch, groups, blocks, L, N)``, summed over blocks by
-            the caller (channel blocks of one group share ``B`` and ``C``).
+        u, delta, A, B, C, D, positions, segment, group_of, u_of, y_of: as :func:`scan_forward`.
+        grad_y: ``(batch, L, Y, Dg)``; grad_last: ``(batch, S, Dg, N)``.
+        grad_u: ``(batch, L, U, Dg)``; grad_delta: ``(batch, L, G, Dg)``; both accumulated.
+        grad_A_part: ``(batch, G, N, Dg)``; grad_D_part: ``(batch, G, Dg)``; accumulated, summed
+            over batch by the caller.
+        grad_B_part, grad_C_part: ``(batch, blocks, L, G, N)``; accumulated, summed over channel
+            blocks by the caller (blocks of one group share ``B`` and ``C``).
+        All outputs must be zeroed by the caller.
     """
-    batch, length, dim = u.shape
-    n_state = A_t.shape[0]
-    groups = B.shape[1]
-    per_group = dim // groups
-    blocks = (per_group + LANES - 1) // LANES
-    for task in nb.prange(batch * groups * blocks):
-        b = task // (groups * blocks)
-        g = (task // blocks) % groups
+    batch, length = u.shape[0], u.shape[1]
+    dg = u.shape[3]
+    n_state = A.shape[1]
+    orders = positions.shape[0]
+    blocks = dg // LANES
+    n_chunks = (length + CHECKPOINT - 1) // CHECKPOINT
+    for task in nb.prange(batch * blocks):
+        b = task // blocks
         blk = task % blocks
-        d0 = g * per_group + blk * LANES
-        w = min(LANES, g * per_group + per_group - d0)
+        d0 = blk * LANES
         a = np.zeros((n_state, LANES), np.float32)
-        for n in range(n_state):
-            for j in range(w):
-                a[n, j] = A_t[n, d0 + j]
-        # states[t] holds h_t; decays[t] holds exp(dt_t * A)
-        states = np.zeros((length, n_state, LANES), np.float32)
-        decays = np.zeros((length, n_state, LANES), np.float32)
         h = np.zeros((n_state, LANES), np.float32)
-        dtv = np.zeros(LANES, np.float32)
-        drive = np.zeros(LANES, np.float32)
-        for t in range(length):
-            for j in range(w):
-                dtv[j] = _step(dt[b, t, d0 + j] + dt_bias[d0 + j], softplus)
-                drive[j] = dtv[j] * u[b, t, d0 + j]
-            for n in range(n_state):
-                bn = B[b, g, t, n]
-                for j in range(w):
-                    e = _exp(dtv[j] * a[n, j])
-                    hv = e * h[n, j] + drive[j] * bn
-                    h[n, j] = hv
-                    decays[t, n, j] = e
-                    states[t, n, j] = hv
-
         gh = np.zeros((n_state, LANES), np.float32)
-        for n in range(n_state):
-            for j in range(w):
-                gh[n, j] = grad_last[b, d0 + j, n]
         g_a = np.zeros((n_state, LANES), np.float32)
+        checkpoints = np.zeros((n_chunks, n_state, LANES), np.float32)
+        states = np.zeros((CHECKPOINT, n_state, LANES), np.float32)
+        decays = np.zeros((CHECKPOINT, n_state, LANES), np.float32)
+        zero = np.zeros((n_state, LANES), np.float32)
+        skip = np.zeros(LANES, np.float32)
+        dtv = np.zeros(LANES, np.float32)
         uv = np.zeros(LANES, np.float32)
-        raw = np.zeros(LANES, np.float32)
         gyv = np.zeros(LANES, np.float32)
+        drive = np.zeros(LANES, np.float32)
         g_u = np.zeros(LANES, np.float32)
         g_dt = np.zeros(LANES, np.float32)
-        zero = np.zeros((n_state, LANES), np.float32)
-        for t in range(length - 1, -1, -1):
-            for j in range(w):
-                raw[j] = dt[b, t, d0 + j] + dt_bias[d0 + j]
-                dtv[j] = _step(raw[j], softplus)
-                uv[j] = u[b, t, d0 + j]
-                gyv[j] = grad_y[b, t, d0 + j]
-                g_u[j] = 0.0
-                g_dt[j] = 0.0
-            prev = states[t - 1] if t > 0 else zero
+        g_d = np.zeros(LANES, np.float32)
+        for s in range(orders):
+            g = group_of[s]
+            ui = u_of[s]
+            yi = y_of[s]
+            seg = segment[s]
             for n in range(n_state):
-                bn = B[b, g, t, n]
-                cn = C[b, g, t, n]
-                acc_c = np.float32(0.0)
-                acc_b = np.float32(0.0)
-                for j in range(w):
-                    acc_c += gyv[j] * states[t, n, j]
-                    ghv = gh[n, j] + cn * gyv[j]
-                    e = decays[t, n, j]
-                    hp = prev[n, j]
-                    ghe_h = ghv * e * hp
-                    g_dt[j] += a[n, j] * ghe_h + ghv * bn * uv[j]
-                    g_a[n, j] += dtv[j] * ghe_h
-                    g_u[j] += ghv * dtv[j] * bn
-                    acc_b += ghv * dtv[j] * uv[j]
-                    gh[n, j] = ghv * e
-                grad_C_part[b, g, blk, t, n] = acc_c
-                grad_B_part[b, g, blk, t, n] = acc_b
-            for j in range(w):
-                grad_u[b, t, d0 + j] = g_u[j]
-                grad_dt[b, t, d0 + j] = g_dt[j] * _step_grad(raw[j], softplus)
-        for n in range(n_state):
-            for j in range(w):
-                grad_A_part[b, n, d0 + j] = g_a[n, j]
+                for j in range(LANES):
+                    a[n, j] = A[g, n, d0 + j]
+            for j in range(LANES):
+                skip[j] = D[g, d0 + j]
+                g_d[j] = 0.0
+            g_a[:] = 0.0
+            # pass 1: the state entering every chunk
+            h[:] = 0.0
+            for t in range(length):
+                if t % CHECKPOINT == 0:
+                    checkpoints[t // CHECKPOINT] = h
+                if t % seg == 0:
+                    h[:] = 0.0
+                p = positions[s, t]
+                for j in range(LANES):
+                    dtv[j] = delta[b, p, g, d0 + j]
+                    drive[j] = dtv[j] * u[b, p, ui, d0 + j]
+                for n in range(n_state):
+                    bn = B[b, p, g, n]
+                    for j in range(LANES):
+                        h[n, j] = _exp(dtv[j] * a[n, j]) * h[n, j] + drive[j] * bn
+            # pass 2: chunks from last to first
+            for n in range(n_state):
+                for j in range(LANES):
+                    gh[n, j] = grad_last[b, s, d0 + j, n]
+            for c in range(n_chunks - 1, -1, -1):
+                t0 = c * CHECKPOINT
+                t1 = min(length, t0 + CHECKPOINT)
+                h[:] = checkpoints[c]
+                for t in range(t0, t1):
+                    if t % seg == 0:
+                        h[:] = 0.0
+                    p = positions[s, t]
+                    for j in range(LANES):
+                        dtv[j] = delta[b, p, g, d0 + j]
+                        drive[j] = dtv[j] * u[b, p, ui, d0 + j]
+                    i = t - t0
+                    for n in range(n_state):
+                        bn = B[b, p, g, n]
+                        for j in range(LANES):
+                            e = _exp(dtv[j] * a[n, j])
+                            hv = e * h[n, j] + drive[j] * bn
+                            h[n, j] = hv
+                            decays[i, n, j] = e
+                            states[i, n, j] = hv
+                for t in range(t1 - 1, t0 - 1, -1):
+                    p = positions[s, t]
+                    i = t - t0
+                    for j in range(LANES):
+                        dtv[j] = delta[b, p, g, d0 + j]
+                        uv[j] = u[b, p, ui, d0 + j]
+                        gyv[j] = grad_y[b, p, yi, d0 + j]
+                        g_u[j] = skip[j] * gyv[j]
+                        g_dt[j] = 0.0
+                        g_d[j] += gyv[j] * uv[j]
+                    restart = t % seg == 0
+                    if restart:
+                        prev = zero
+                    elif i > 0:
+                        prev = states[i - 1]
+                    else:
+                        prev = checkpoints[c]
+                    for n in range(n_state):
+                        bn = B[b, p, g, n]
+                        cn = C[b, p, g, n]
+                        acc_c = np.float32(0.0)
+                        acc_b = np.float32(0.0)
+                        for j in range(LANES):
+                            acc_c += gyv[j] * states[i, n, j]
+                            ghv = gh[n, j] + cn * gyv[j]
+                            e = decays[i, n, j]
+                            ghe_h = ghv * e * prev[n, j]
+                            g_dt[j] += a[n, j] * ghe_h + ghv * bn * uv[j]
+                            g_a[n, j] += dtv[j] * ghe_h
+                            g_u[j] += ghv * dtv[j] * bn
+                            acc_b += ghv * dtv[j] * uv[j]
+                            gh[n, j] = ghv * e
+                        grad_C_part[b, blk, p, g, n] += acc_c
+                        grad_B_part[b, blk, p, g, n] += acc_b
+                    if restart:
+                        gh[:] = 0.0
+                    for j in range(LANES):
+                        grad_u[b, p, ui, d0 + j] += g_u[j]
+                        grad_delta[b, p, g, d0 + j] += g_dt[j]
+            for n in range(n_state):
+                for j in range(LANES):
+                    grad_A_part[b, g, n, d0 + j] += g_a[n, j]
+            for j in range(LANES):
+                grad_D_part[b, g, d0 + j] += g_d[j]
 
 
-def blocks_per_group(dim: int, groups: int) -> int:
-    """Number of ``LANES``-wide channel blocks per group (shape of the backward buffers)."""
-    per_group = dim // groups
-    return (per_group + LANES - 1) // LANES
+def blocks_for(dg: int) -> int:
+    """Number of ``LANES``-wide channel blocks of ``dg`` channels (shape of the backward buffers)."""
+    if dg % LANES:
+        raise ValueError(f"the CPU kernel needs a multiple of {LANES} channels per group, got {dg}.")
+    return dg // LANES

@@ -27,8 +27,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -148,8 +150,9 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, 
 def _check_finite(**tensors: Tensor | None) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     # One sum per tensor is a single vectorised pass; a NaN/Inf anywhere makes it non-finite.
-    # Only when a sum is non-finite (or overflowed) is the exact, slower test run.
-    sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in present.values()])
+    # Only when a sum is non-finite (or overflowed) is the exact, slower test run. Summing in the
+    # tensor's own dtype avoids a converted copy; an overflow only costs the exact test.
+    sums = torch.stack([t.detach().sum().float() for t in present.values()])
     if bool(torch.isfinite(sums).all()):
         return
     for name, tensor in present.items():
@@ -203,31 +206,65 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     return y, state[:, :, -1]
 
 
-class _NumbaScan(torch.autograd.Function):
-    """Autograd wrapper of the fused CPU kernels.
+@dataclass(frozen=True, eq=False)
+class ScanOrders:
+    """The scan orders one call of the fused CPU kernel runs (see :mod:`.cpu_kernel`).
 
-    Works on contiguous float32 channel-last buffers: ``u``, ``delta`` ``(batch, L, dim)``,
-    ``A`` ``(dim, N)``, ``B``, ``C`` ``(batch, groups, L, N)``; returns ``y`` ``(batch, L, dim)``
-    (without the ``D`` skip) and the last state ``(batch, dim, N)``.
+    Attributes:
+        positions: ``(S, L)`` int64, the position visited at each step of order ``s``.
+        segment: ``(S,)`` int64, order ``s`` restarts from a zero state every ``segment[s]`` steps.
+        group_of: ``(S,)`` int64, the parameter group (``delta``, ``A``, ``B``, ``C``, ``D``) of ``s``.
+        u_of: ``(S,)`` int64, the input slot ``s`` reads.
+        y_of: ``(S,)`` int64, the output slot ``s`` adds into.
+        n_outputs: number of output slots.
+    """
+
+    positions: np.ndarray
+    segment: np.ndarray
+    group_of: np.ndarray
+    u_of: np.ndarray
+    y_of: np.ndarray
+    n_outputs: int
+
+    @classmethod
+    def sequential(cls, length: int, groups: int) -> ScanOrders:
+        """Plain Mamba: group ``g`` scans its own input in sequence order into its own output."""
+        index = np.arange(groups, dtype=np.int64)
+        return cls(
+            positions=np.tile(np.arange(length, dtype=np.int64), (groups, 1)),
+            segment=np.full(groups, length, dtype=np.int64),
+            group_of=index,
+            u_of=index,
+            y_of=index.copy(),
+            n_outputs=groups,
+        )
+
+
+class _NumbaScan(torch.autograd.Function):
+    """Autograd wrapper of the fused CPU kernels (float32, layouts of :mod:`.cpu_kernel`).
+
+    Inputs ``u`` ``(batch, L, U, Dg)``, ``delta`` ``(batch, L, G, Dg)`` (already biased and
+    soft-plussed), ``A`` ``(G, N, Dg)``, ``B``, ``C`` ``(batch, L, G, N)``, ``D`` ``(G, Dg)``;
+    returns ``y`` ``(batch, L, Y, Dg)`` and the last states ``(batch, S, Dg, N)``.
     """
 
     @staticmethod
     def forward(
-        ctx, u: Tensor, delta: Tensor, delta_bias: Tensor, softplus: bool, A: Tensor, B: Tensor, C: Tensor
+        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, orders: ScanOrders
     ) -> tuple[Tensor, Tensor]:
         from . import cpu_kernel
 
         _set_numba_threads()
-        u, delta, delta_bias, B, C = (t.detach().contiguous() for t in (u, delta, delta_bias, B, C))
-        A_t = A.detach().t().contiguous()
-        y = torch.empty_like(u)
-        last = u.new_empty(u.shape[0], u.shape[2], A.shape[1])
+        u, delta, A, B, C, D = (t.detach().float().contiguous() for t in (u, delta, A, B, C, D))
+        batch, length, _, dg = u.shape
+        y = u.new_zeros(batch, length, orders.n_outputs, dg)
+        last = u.new_empty(batch, len(orders.segment), dg, A.shape[1])
         cpu_kernel.scan_forward(
-            u.numpy(), delta.numpy(), delta_bias.numpy(), softplus, A_t.numpy(), B.numpy(), C.numpy(),
-            y.numpy(), last.numpy(),
+            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(),
+            orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of, y.numpy(), last.numpy(),
         )  # fmt: skip
-        ctx.save_for_backward(u, delta, delta_bias, A_t, B, C)
-        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, A, B, C, D)
+        ctx.orders = orders
         return y, last
 
     @staticmethod
@@ -235,24 +272,90 @@ class _NumbaScan(torch.autograd.Function):
         from . import cpu_kernel
 
         _set_numba_threads()
-        u, delta, bias, A_t, B, C = ctx.saved_tensors
-        batch, length, dim = u.shape
-        groups, n_state = B.shape[1], A_t.shape[0]
-        grad_y = u.new_zeros(u.shape) if grad_y is None else grad_y.contiguous().float()
-        grad_last = u.new_zeros(batch, dim, n_state) if grad_last is None else grad_last.contiguous().float()
-        blocks = cpu_kernel.blocks_per_group(dim, groups)
-        grad_u = torch.empty_like(u)
-        grad_dt = torch.empty_like(u)
-        grad_A = u.new_empty(batch, n_state, dim)
-        grad_B = u.new_empty(batch, groups, blocks, length, n_state)
-        grad_C = u.new_empty(batch, groups, blocks, length, n_state)
+        u, delta, A, B, C, D = ctx.saved_tensors
+        orders: ScanOrders = ctx.orders
+        batch, length, _, dg = u.shape
+        groups, n_state = A.shape[0], A.shape[1]
+        if grad_y is None:
+            grad_y = u.new_zeros(batch, length, orders.n_outputs, dg)
+        if grad_last is None:
+            grad_last = u.new_zeros(batch, len(orders.segment), dg, n_state)
+        grad_y, grad_last = grad_y.float().contiguous(), grad_last.float().contiguous()
+        blocks = cpu_kernel.blocks_for(dg)
+        grad_u = torch.zeros_like(u)
+        grad_delta = torch.zeros_like(delta)
+        grad_A = u.new_zeros(batch, groups, n_state, dg)
+        grad_B = u.new_zeros(batch, blocks, length, groups, n_state)
+        grad_C = u.new_zeros(batch, blocks, length, groups, n_state)
+        grad_D = u.new_zeros(batch, groups, dg)
         cpu_kernel.scan_backward(
-            u.numpy(), delta.numpy(), bias.numpy(), ctx.softplus, A_t.numpy(), B.numpy(), C.numpy(),
+            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(),
+            orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of,
             grad_y.numpy(), grad_last.numpy(),
-            grad_u.numpy(), grad_dt.numpy(), grad_A.numpy(), grad_B.numpy(), grad_C.numpy(),
+            grad_u.numpy(), grad_delta.numpy(), grad_A.numpy(), grad_B.numpy(), grad_C.numpy(), grad_D.numpy(),
         )  # fmt: skip
-        grad_bias = grad_dt.sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return grad_u, grad_dt, grad_bias, None, grad_A.sum(0).t(), grad_B.sum(2), grad_C.sum(2)
+        return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(1), grad_C.sum(1), grad_D.sum(0), None
+
+
+def selective_scan_orders(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    orders: ScanOrders,
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Run several scan orders over shared channel-last buffers with the fused CPU kernel.
+
+    This is the entry that lets SS2D scan four directions (and the sub-regions of a pyramid)
+    without building the flipped / transposed / split copies of the map. Differentiable in all
+    tensor inputs; runs on the ``"numba"`` backend only.
+
+    Args:
+        u: ``(batch, L, U, Dg)``.
+        delta: ``(batch, L, G, Dg)`` step sizes, already biased and soft-plussed.
+        A: ``(G, N, Dg)``.
+        B, C: ``(batch, L, G, N)``.
+        D: ``(G, Dg)`` skip, or ``None``.
+        orders: the orders to run.
+        check_finite: raise on NaN/Inf inputs (callers that checked already pass ``False``).
+
+    Returns:
+        ``y`` ``(batch, L, Y, Dg)`` (float32) and the last states ``(batch, S, Dg, N)``.
+
+    Raises:
+        ValueError: inconsistent shapes, or NaN/Inf in an input.
+    """
+    batch, length, n_u, dg = u.shape
+    groups, n_state = A.shape[0], A.shape[1]
+    expected = {
+        "delta": (batch, length, groups, dg),
+        "A": (groups, n_state, dg),
+        "B": (batch, length, groups, n_state),
+        "C": (batch, length, groups, n_state),
+    }
+    for name, tensor in (("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}.")
+    if orders.positions.shape[1] != length:
+        raise ValueError(f"scan orders cover {orders.positions.shape[1]} positions, the inputs {length}.")
+    if int(orders.u_of.max()) >= n_u or int(orders.group_of.max()) >= groups:
+        raise ValueError("scan orders name an input slot or group the inputs do not have.")
+    if check_finite:
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D)
+    from .cpu_kernel import LANES
+
+    D = u.new_zeros(groups, dg) if D is None else D
+    pad = -dg % LANES
+    if pad:
+        # zero channels scan to zero and get zero gradients; autograd slices them off again
+        u, delta, A, D = (F.pad(t, (0, pad)) for t in (u, delta, A, D))
+    y, last = _NumbaScan.apply(u, delta, A, B, C, D, orders)
+    if pad:
+        y, last = y[..., :dg], last[:, :, :dg]
+    return y, last
 
 
 def _set_numba_threads() -> None:
@@ -318,27 +421,33 @@ def selective_scan(
     u_c, delta_c = u.to(compute), delta.to(compute)
     A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
     if name == "numba":
-        bias = delta_bias.to(compute) if delta_bias is not None else u_c.new_zeros(u_c.shape[1])
-        B4 = B_c if B_c.dim() == 4 else B_c.unsqueeze(1)
-        C4 = C_c if C_c.dim() == 4 else C_c.unsqueeze(1)
-        y, last = _NumbaScan.apply(
-            u_c.transpose(1, 2),
-            delta_c.transpose(1, 2),
-            bias,
-            delta_softplus,
-            A_c,
-            B4.transpose(2, 3),
-            C4.transpose(2, 3),
+        batch, dim, length = u_c.shape
+        groups = B_c.shape[1] if B_c.dim() == 4 else 1
+        per_group = dim // groups
+        if delta_bias is not None:
+            delta_c = delta_c + delta_bias.to(compute)[:, None]
+        if delta_softplus:
+            delta_c = F.softplus(delta_c)
+        y, last = selective_scan_orders(
+            u_c.transpose(1, 2).reshape(batch, length, groups, per_group),
+            delta_c.transpose(1, 2).reshape(batch, length, groups, per_group),
+            A_c.reshape(groups, per_group, -1).transpose(1, 2),
+            B_c.reshape(batch, groups, -1, length).permute(0, 3, 1, 2),
+            C_c.reshape(batch, groups, -1, length).permute(0, 3, 1, 2),
+            None if D is None else D.to(compute).reshape(groups, per_group),
+            ScanOrders.sequential(length, groups),
+            check_finite=False,
         )
-        y = y.transpose(1, 2)
+        y = y.reshape(batch, length, dim).transpose(1, 2)
+        last = last.reshape(batch, dim, -1)
     else:
         if delta_bias is not None:
             delta_c = delta_c + delta_bias.to(compute)[:, None]
         if delta_softplus:
             delta_c = F.softplus(delta_c)
         y, last = _scan_torch(u_c, delta_c, A_c, B_c, C_c)
-    if D is not None:
-        y = y + u_c * D.to(compute)[:, None]
+        if D is not None:
+            y = y + u_c * D.to(compute)[:, None]
     if z is not None:
         y = y * F.silu(z.to(compute))
     y = y.to(dtype_in)
@@ -385,18 +494,29 @@ def selective_scan_channel_last(
     _check_inputs(
         u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(2, 3), C.transpose(2, 3), D, None, delta_bias
     )
-    _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
-    dtype_in = u.dtype
-    u_c = u.float()
-    bias = delta_bias.float() if delta_bias is not None else u_c.new_zeros(u_c.shape[2])
-    y, _ = _NumbaScan.apply(u_c, delta.float(), bias, delta_softplus, A.float(), B.float(), C.float())
-    if D is not None:
-        y = y + u_c * D.float()
-    return y.to(dtype_in)
+    batch, length, dim = u.shape
+    groups = B.shape[1]
+    per_group = dim // groups
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y, _ = selective_scan_orders(
+        u.float().reshape(batch, length, groups, per_group),
+        delta.reshape(batch, length, groups, per_group),
+        A.float().reshape(groups, per_group, -1).transpose(1, 2),
+        B.float().permute(0, 2, 1, 3),
+        C.float().permute(0, 2, 1, 3),
+        None if D is None else D.float().reshape(groups, per_group),
+        ScanOrders.sequential(length, groups),
+    )
+    return y.reshape(batch, length, dim).to(u.dtype)
 
 
 __all__ = [
     "BACKENDS",
+    "ScanOrders",
     "BACKEND_ENV",
     "Backend",
     "mamba_ssm_available",
@@ -404,5 +524,6 @@ __all__ = [
     "resolve_backend",
     "selective_scan",
     "selective_scan_channel_last",
+    "selective_scan_orders",
     "selective_scan_ref",
 ]

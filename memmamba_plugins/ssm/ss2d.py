@@ -11,14 +11,16 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .selective_scan import selective_scan_channel_last
+from .selective_scan import ScanOrders, resolve_backend, selective_scan_channel_last, selective_scan_orders
 
 #: Scan directions, in the order of the per-direction parameters (VMamba's order).
 DIRECTIONS: tuple[str, ...] = ("row", "column", "row_reversed", "column_reversed")
@@ -63,6 +65,50 @@ def merge_regions(x: Tensor, splits: int) -> Tensor:
     bs, h, w, d = x.shape
     x = x.reshape(bs // (splits * splits), splits, splits, h, w, d)
     return x.transpose(2, 3).reshape(bs // (splits * splits), splits * h, splits * w, d)
+
+
+def _direction_orders(height: int, width: int) -> np.ndarray:
+    """Grid positions visited by each direction of a ``height x width`` map: ``(4, H * W)``."""
+    grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    rows = grid.reshape(-1)
+    cols = grid.T.reshape(-1)
+    return np.stack([rows, cols, rows[::-1], cols[::-1]])
+
+
+@functools.lru_cache(maxsize=64)
+def cross_scan_orders(
+    height: int, width: int, levels: tuple[int, ...], per_direction_output: bool
+) -> ScanOrders:
+    """The fused kernel's orders for SS2D over a ``height x width`` map and pyramid ``levels``.
+
+    Level ``k`` visits the ``2^k x 2^k`` regions one after another (the state restarts at each
+    region) and each region in the four directions of :data:`DIRECTIONS` -- exactly what scanning
+    the split regions as a batch does, without the split. Direction ``d`` uses parameter group
+    ``d``; every order reads the one shared input and adds into output slot 0, or into slot ``d``
+    when ``per_direction_output``.
+    """
+    positions, segments, groups = [], [], []
+    grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    for level in levels:
+        splits = 2**level
+        rh, rw = height // splits, width // splits
+        regions = [
+            grid[i * rh : (i + 1) * rh, j * rw : (j + 1) * rw] for i in range(splits) for j in range(splits)
+        ]
+        local = _direction_orders(rh, rw)  # positions inside one region
+        for direction in range(len(DIRECTIONS)):
+            positions.append(np.concatenate([region.reshape(-1)[local[direction]] for region in regions]))
+            segments.append(rh * rw)
+            groups.append(direction)
+    group_of = np.asarray(groups, dtype=np.int64)
+    return ScanOrders(
+        positions=np.ascontiguousarray(np.stack(positions)),
+        segment=np.asarray(segments, dtype=np.int64),
+        group_of=group_of,
+        u_of=np.zeros_like(group_of),
+        y_of=group_of.copy() if per_direction_output else np.zeros_like(group_of),
+        n_outputs=len(DIRECTIONS) if per_direction_output else 1,
+    )
 
 
 class SS2D(nn.Module):
@@ -206,13 +252,47 @@ class SS2D(nn.Module):
         col_rev = y[:, :, 3].flip(1).reshape(b, w, h, d).transpose(1, 2)
         return row, col, row_rev, col_rev
 
+    def _uses_fused_kernel(self, x: Tensor) -> bool:
+        return resolve_backend(self.backend, x) == "numba"
+
+    def _scan_fused(self, x: Tensor, levels: tuple[int, ...], per_direction_output: bool) -> Tensor:
+        """All directions (and pyramid levels) in one fused CPU kernel call, on the grid order.
+
+        The projections are per position, so the step sizes and ``B``/``C`` of each direction are
+        computed once on the grid; only the kernel's visiting order differs between directions.
+        Returns ``(B, H, W, 4 or 1, D)``: per direction, or summed over directions and levels.
+        """
+        b, h, w, d = x.shape
+        length = h * w
+        k = len(DIRECTIONS)
+        seq = x.reshape(b, length, d)
+        x_dbl = torch.einsum("bld,kcd->blkc", seq, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
+        dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight)
+        delta = F.softplus(dts + self.dt_projs_bias)
+        y, _ = selective_scan_orders(
+            seq.unsqueeze(2),
+            delta,
+            -torch.exp(self.A_logs.float()).reshape(k, d, self.d_state).transpose(1, 2),
+            Bs,
+            Cs,
+            self.Ds.float().reshape(k, d),
+            cross_scan_orders(h, w, levels, per_direction_output),
+        )
+        return y.reshape(b, h, w, -1, d)
+
     def scan_directions(self, x: Tensor) -> Tensor:
         """Each direction's output on the grid: ``(B, H, W, D) -> (B, 4, H, W, D)`` (order of ``DIRECTIONS``)."""
+        if self._uses_fused_kernel(x):
+            return self._scan_fused(x, (0,), per_direction_output=True).permute(0, 3, 1, 2, 4)
         return torch.stack(self._to_grid(self._scan(x), x.shape[1], x.shape[2]), dim=1)
 
     def scan2d(self, x: Tensor) -> Tensor:
         """Cross-scan, merge by sum and average the pyramid levels: ``(B, H, W, D) -> (B, H, W, D)``."""
         check_region_size(x.shape[1], x.shape[2], self.pyramid_levels)
+        if self._uses_fused_kernel(x):
+            y = self._scan_fused(x, self.pyramid_levels, per_direction_output=False)[:, :, :, 0]
+            return y / len(self.pyramid_levels)
         out = None
         for level in self.pyramid_levels:
             splits = 2**level
