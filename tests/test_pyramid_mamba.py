@@ -308,3 +308,15 @@ def test_startup_hook_is_cheap_and_registers_on_anomalib_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "PyramidMamba" in out.stdout
+
+
+def test_separable_blur_equals_anomalib_blur() -> None:
+    from anomalib.models.components.filters import GaussianBlur2d
+
+    from memmamba_plugins.pyramid_mamba.anomaly_map import SeparableGaussianBlur2d
+
+    x = torch.rand(2, 1, 64, 48)
+    reference = GaussianBlur2d(sigma=4.0, channels=1)
+    separable = SeparableGaussianBlur2d(sigma=4.0, channels=1)
+    torch.testing.assert_close(separable(x), reference(x), rtol=0, atol=1e-5)
+    assert list(separable.state_dict()) == list(reference.state_dict())  # checkpoints stay compatible

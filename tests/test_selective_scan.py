@@ -257,6 +257,22 @@ def test_fast_exp_accuracy() -> None:
     assert np.max(np.abs(approx - exact) / exact) < 5e-7  # a few float32 ulp
 
 
+def test_fast_softplus_matches_torch() -> None:
+    from memmamba_plugins.ssm.selective_scan import softplus_cpu
+
+    x = torch.cat([torch.linspace(-80.0, 80.0, 100_001), torch.tensor([20.0, 20.001, 19.999, float("nan")])])
+    x.requires_grad_()
+    fast = softplus_cpu(x)
+    exact = torch.nn.functional.softplus(x.detach().double())
+    finite = torch.isfinite(exact)
+    assert torch.isnan(fast[-1])  # NaN propagates, so the scan's finiteness check still sees it
+    assert ((fast.double() - exact).abs() / exact)[finite].max() < 5e-7
+    (grad,) = torch.autograd.grad(fast[finite].sum(), x)
+    assert torch.allclose(
+        grad[finite].double(), torch.sigmoid(x.detach()[finite].double()), rtol=1e-6, atol=0
+    )
+
+
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and mamba_ssm_available()), reason="needs CUDA and mamba-ssm"
 )

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components.filters import GaussianBlur2d
 from timm.layers import DropPath
 from torch import Tensor, nn
 
 from memmamba_plugins.ssm import SS2D
 
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur2d
 
 #: Paper defaults (Sec. 4 "Implementation details" and the official code).
 DEFAULT_BACKBONE = "resnet34"
@@ -453,7 +452,7 @@ class PyramidMambaModel(nn.Module):
             for dim, chan in zip(decoder_dims[1:], reversed(channels), strict=True)
         )
         self.anomaly_map_generator = AnomalyMapGenerator(self.input_size)
-        self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1)
+        self.blur = SeparableGaussianBlur2d(sigma=blur_sigma, channels=1)
 
     def _check_input_size(self, reductions: Sequence[int]) -> None:
         for fine, coarse in zip(reductions, reductions[1:], strict=False):

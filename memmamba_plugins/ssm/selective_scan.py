@@ -206,6 +206,34 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     return y, state[:, :, -1]
 
 
+class _Softplus(torch.autograd.Function):
+    """``softplus`` by the vectorised CPU kernel; gradient ``sigmoid(x)`` (torch's own softplus is
+    several times slower on CPU and sat on the SS2D critical path)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        from . import cpu_kernel
+
+        _set_numba_threads()
+        x = x.detach().float().contiguous()
+        # zeros, not empty: torch touches the new pages with both threads; first-touch page faults
+        # inside the numba threads were measured to cost more than the softplus itself
+        out = torch.zeros_like(x)
+        cpu_kernel.softplus(x.view(-1).numpy(), out.view(-1).numpy())
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+def softplus_cpu(x: Tensor) -> Tensor:
+    """``torch.nn.functional.softplus`` (threshold 20) for CPU float tensors via the numba kernel."""
+    return _Softplus.apply(x)
+
+
 @dataclass(frozen=True, eq=False)
 class ScanOrders:
     """The scan orders one call of the fused CPU kernel runs (see :mod:`.cpu_kernel`).
@@ -243,7 +271,7 @@ class ScanOrders:
 class _NumbaScan(torch.autograd.Function):
     """Autograd wrapper of the fused CPU kernels (float32, layouts of :mod:`.cpu_kernel`).
 
-    Inputs ``u`` ``(batch, L, U, Dg)``, ``delta`` ``(batch, L, G, Dg)`` (already biased and
+    Inputs ``u`` ``(batch, L, U, Dg)``, ``delta`` ``(G, batch, L, Dg)`` (already biased and
     soft-plussed), ``A`` ``(G, N, Dg)``, ``B``, ``C`` ``(batch, L, G, N)``, ``D`` ``(G, Dg)``;
     returns ``y`` ``(batch, L, Y, Dg)`` and the last states ``(batch, S, Dg, N)``.
     """
@@ -315,7 +343,7 @@ def selective_scan_orders(
 
     Args:
         u: ``(batch, L, U, Dg)``.
-        delta: ``(batch, L, G, Dg)`` step sizes, already biased and soft-plussed.
+        delta: ``(G, batch, L, Dg)`` step sizes, already biased and soft-plussed.
         A: ``(G, N, Dg)``.
         B, C: ``(batch, L, G, N)``.
         D: ``(G, Dg)`` skip, or ``None``.
@@ -331,7 +359,7 @@ def selective_scan_orders(
     batch, length, n_u, dg = u.shape
     groups, n_state = A.shape[0], A.shape[1]
     expected = {
-        "delta": (batch, length, groups, dg),
+        "delta": (groups, batch, length, dg),
         "A": (groups, n_state, dg),
         "B": (batch, length, groups, n_state),
         "C": (batch, length, groups, n_state),
@@ -427,10 +455,10 @@ def selective_scan(
         if delta_bias is not None:
             delta_c = delta_c + delta_bias.to(compute)[:, None]
         if delta_softplus:
-            delta_c = F.softplus(delta_c)
+            delta_c = softplus_cpu(delta_c)
         y, last = selective_scan_orders(
             u_c.transpose(1, 2).reshape(batch, length, groups, per_group),
-            delta_c.transpose(1, 2).reshape(batch, length, groups, per_group),
+            delta_c.reshape(batch, groups, per_group, length).permute(1, 0, 3, 2),
             A_c.reshape(groups, per_group, -1).transpose(1, 2),
             B_c.reshape(batch, groups, -1, length).permute(0, 3, 1, 2),
             C_c.reshape(batch, groups, -1, length).permute(0, 3, 1, 2),
@@ -501,10 +529,10 @@ def selective_scan_channel_last(
     if delta_bias is not None:
         delta = delta + delta_bias.float()
     if delta_softplus:
-        delta = F.softplus(delta)
+        delta = softplus_cpu(delta)
     y, _ = selective_scan_orders(
         u.float().reshape(batch, length, groups, per_group),
-        delta.reshape(batch, length, groups, per_group),
+        delta.reshape(batch, length, groups, per_group).permute(2, 0, 1, 3),
         A.float().reshape(groups, per_group, -1).transpose(1, 2),
         B.float().permute(0, 2, 1, 3),
         C.float().permute(0, 2, 1, 3),
@@ -526,4 +554,5 @@ __all__ = [
     "selective_scan_channel_last",
     "selective_scan_orders",
     "selective_scan_ref",
+    "softplus_cpu",
 ]

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .selective_scan import ScanOrders, resolve_backend, selective_scan_channel_last, selective_scan_orders
+from .selective_scan import (
+    ScanOrders,
+    resolve_backend,
+    selective_scan_channel_last,
+    selective_scan_orders,
+    softplus_cpu,
+)
 
 #: Scan directions, in the order of the per-direction parameters (VMamba's order).
 DIRECTIONS: tuple[str, ...] = ("row", "column", "row_reversed", "column_reversed")
@@ -266,10 +272,15 @@ class SS2D(nn.Module):
         length = h * w
         k = len(DIRECTIONS)
         seq = x.reshape(b, length, d)
-        x_dbl = torch.einsum("bld,kcd->blkc", seq, self.x_proj_weight)
+        x_dbl = (seq @ self.x_proj_weight.reshape(-1, d).t()).reshape(b, length, k, -1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
-        dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight)
-        delta = F.softplus(dts + self.dt_projs_bias)
+        # (K, B*L, D) straight out of one batched matmul, bias fused: the kernel's delta layout
+        dts = torch.baddbmm(
+            self.dt_projs_bias.unsqueeze(1),
+            dts.reshape(b * length, k, self.dt_rank).transpose(0, 1),
+            self.dt_projs_weight.transpose(1, 2),
+        )
+        delta = softplus_cpu(dts).reshape(k, b, length, d)
         y, _ = selective_scan_orders(
             seq.unsqueeze(2),
             delta,
