@@ -1,6 +1,6 @@
 # Setup, tests and demo on a local virtual environment (.venv).
 #
-#   make demo   set up, then run a short training demo on CPU
+#   make demo   set up, then train Pyramid-Mamba for one epoch with the anomalib CLI (CPU, offline data)
 #   make test   set up, then run the test suite (PYTEST_ARGS="-m 'not slow'" skips end-to-end tests)
 #   make lint   ruff check
 #   make setup  create .venv if missing and install the package with its dev extra

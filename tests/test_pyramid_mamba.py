@@ -23,6 +23,7 @@ from memmamba_plugins.pyramid_mamba import MVTec, PyramidMamba, PyramidMambaMode
 from memmamba_plugins.pyramid_mamba import torch_model as tm  # noqa: E402
 from memmamba_plugins.pyramid_mamba.data import MVTEC_AD_URL, MVTecDatasetNotFoundError  # noqa: E402
 from memmamba_plugins.pyramid_mamba.loss import PyramidMambaLoss  # noqa: E402
+from memmamba_plugins.pyramid_mamba.synthetic import make_synthetic_mvtec  # noqa: E402
 from memmamba_plugins.ssm import merge_regions, split_regions  # noqa: E402
 
 SIZE = 64
@@ -237,41 +238,9 @@ def test_mvtec_missing_root_names_download_page(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()  # nothing was downloaded or created
 
 
-def make_mvtec_like(
-    root: Path,
-    categories: tuple[str, ...] = ("alpha", "beta"),
-    size: int = SIZE,
-    n_train: int = 4,
-    n_test: int = 2,
-) -> Path:
-    """A tiny MVTec AD layout: colour and grey categories, square defects with masks."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for index, category in enumerate(categories):
-        level = int(rng.integers(60, 200))
-        for split, label, count in (
-            ("train", "good", n_train),
-            ("test", "good", n_test),
-            ("test", "dent", n_test),
-        ):
-            folder = root / category / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = np.clip(level + rng.normal(0, 8, (size, size)), 0, 255).astype(np.uint8)
-                if label != "good":
-                    mask = np.zeros((size, size), np.uint8)
-                    y, x = rng.integers(4, size - size // 4, 2)
-                    mask[y : y + size // 4, x : x + size // 4] = 255
-                    image[mask > 0] = 255
-                    masks = root / category / "ground_truth" / label
-                    masks.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(mask).save(masks / f"{i:03d}_mask.png")
-                if index % 2 == 0:  # alternate RGB and grey files: grey must work too
-                    image = np.stack([image] * 3, axis=-1)
-                Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return root
+def make_mvtec_like(root: Path, categories: tuple[str, ...] = ("alpha", "beta")) -> Path:
+    """A tiny MVTec AD layout at the test image size (colour and grey categories, masks)."""
+    return make_synthetic_mvtec(root, categories, size=SIZE)
 
 
 def test_mvtec_multiclass_setup(tmp_path: Path) -> None:

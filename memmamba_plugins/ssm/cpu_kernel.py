@@ -58,8 +58,7 @@ def _exp(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     Every integer step is kept in int32 on purpose: numba widens int arithmetic to int64, and
     int64 -> float32 conversion has no AVX2 instruction, which would make the loop scalar.
     """
-    x = x if x > _EXP_MIN else _EXP_MIN
-    x = x if x < _EXP_MAX else _EXP_MAX
+    x = min(max(x, _EXP_MIN), _EXP_MAX)  # vmaxps/vminps; inputs were checked to be finite
     k = np.int32(np.int32(x * _LOG2E + np.float32(128.5)) - _EXP_BIAS)
     kf = np.float32(k)
     r = x - kf * _LN2_HI - kf * _LN2_LO
