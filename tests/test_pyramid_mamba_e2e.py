@@ -204,3 +204,47 @@ def test_ksdd_with_anomalib_mvtecad_datamodule() -> None:
         out = model(batch.image)
     assert out.anomaly_map.shape == (2, 1, SIZE, SIZE)
     assert torch.isfinite(out.pred_score).all()
+
+
+@pytest.mark.slow
+def test_cli_ddp_train_predict_heatmaps_and_onnx_export(dataset: Path, tmp_path: Path) -> None:
+    """``--trainer.strategy ddp --trainer.devices 2`` on CPU (gloo), then predict and export from its checkpoint."""
+    cli = _anomalib_cli()
+    # one SS2D block per stage keeps the ONNX export (traced torch scan) short
+    model = [*TINY_CLI, "--model.decoder_depths", "[1, 1, 1, 1]"]
+    train = _run(
+        [
+            *cli, "train", "--model", "PyramidMamba", *model,
+            "--data", "MVTec", "--data.root", str(dataset), "--data.categories", "[alpha, beta]",
+            "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0",
+            "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+            "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--default_root_dir", str(tmp_path / "results"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    trained = _metrics(train)
+    for metric in METRICS:
+        assert {metric, f"mean/{metric}", f"alpha/{metric}", f"beta/{metric}"} <= set(trained), metric
+    checkpoint = sorted((tmp_path / "results").rglob("*.ckpt"))[-1]
+
+    defects = dataset / "alpha" / "test" / "dent"
+    _run(
+        [
+            *cli, "predict", "--model", "PyramidMamba", *model, "--ckpt_path", str(checkpoint),
+            "--data", str(defects), "--default_root_dir", str(tmp_path / "predict"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    heatmaps = sorted((tmp_path / "predict").rglob("*.png"))
+    assert [p.name for p in heatmaps] == sorted(p.name for p in defects.glob("*.png"))
+
+    _run(
+        [
+            *cli, "export", "--model", "PyramidMamba", *model, "--ckpt_path", str(checkpoint),
+            "--export_type", "onnx", "--export_root", str(tmp_path / "export"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert list((tmp_path / "export").rglob("model.onnx"))
