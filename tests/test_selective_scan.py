@@ -302,3 +302,23 @@ def test_channel_last_entry_matches(backend: str) -> None:
     g_cl = torch.autograd.grad(y_cl.square().sum(), [x[n] for n in names])
     for name, a, b in zip(names, g_cl, g_ref):
         assert rel_err(a, b) <= GRAD_TOL, name
+
+
+def test_scan_orders_segments_restart_the_state() -> None:
+    from memmamba_plugins.ssm import ScanOrders, selective_scan_orders
+
+    inputs = make_inputs(40, 1, use_D=True, use_z=False, use_bias=False, softplus=False, dim=16)
+    u, delta, A, B, C, D = (inputs[k].float() for k in ("u", "delta", "A", "B", "C", "D"))
+    base = ScanOrders.sequential(40, 1)
+    halves = ScanOrders(base.positions, base.segment // 2, base.group_of, base.u_of, base.y_of, 1)
+    y, _ = selective_scan_orders(
+        u.transpose(1, 2)[:, :, None], delta.transpose(1, 2)[None], A.t()[None], B.transpose(1, 2)[:, :, None],
+        C.transpose(1, 2)[:, :, None], D[None], halves,
+    )  # fmt: skip
+    parts = [
+        selective_scan(u[..., s], delta[..., s], A, B[..., s], C[..., s], D, backend="reference")
+        for s in (slice(0, 20), slice(20, 40))
+    ]
+    assert rel_err(y[:, :, 0].transpose(1, 2), torch.cat(parts, dim=-1)) <= OUT_TOL
+    with pytest.raises(ValueError, match="delta must be"):
+        selective_scan_orders(u.transpose(1, 2)[:, :, None], delta[None], A.t()[None], B, C, None, halves)

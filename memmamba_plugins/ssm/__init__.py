@@ -3,27 +3,32 @@
 from .selective_scan import (
     BACKEND_ENV,
     BACKENDS,
+    ScanOrders,
     mamba_ssm_available,
     numba_available,
     resolve_backend,
     selective_scan,
     selective_scan_channel_last,
+    selective_scan_orders,
     selective_scan_ref,
 )
-from .ss2d import DIRECTIONS, SS2D, check_region_size, merge_regions, split_regions
+from .ss2d import DIRECTIONS, SS2D, check_region_size, cross_scan_orders, merge_regions, split_regions
 
 __all__ = [
     "DIRECTIONS",
     "SS2D",
     "check_region_size",
+    "cross_scan_orders",
     "merge_regions",
     "split_regions",
     "BACKENDS",
     "BACKEND_ENV",
+    "ScanOrders",
     "mamba_ssm_available",
     "numba_available",
     "resolve_backend",
     "selective_scan",
     "selective_scan_channel_last",
+    "selective_scan_orders",
     "selective_scan_ref",
 ]
