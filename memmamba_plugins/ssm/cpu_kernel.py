@@ -82,6 +82,24 @@ def exp_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     return out
 
 
+@nb.njit(inline="always", cache=True)
+def _load_group(A, D, g, d0, a, skip):  # pragma: no cover - compiled
+    """Copy group ``g``'s ``A`` (N, LANES) and ``D`` (LANES,) for channels ``d0 : d0 + LANES``."""
+    for n in range(a.shape[0]):
+        for j in range(LANES):
+            a[n, j] = A[g, n, d0 + j]
+    for j in range(LANES):
+        skip[j] = D[g, d0 + j]
+
+
+@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _load_step(u, delta, b, p, ui, g, d0, dtv, drive):  # pragma: no cover - compiled
+    """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for ``LANES`` channels."""
+    for j in range(LANES):
+        dtv[j] = delta[g, b, p, d0 + j]
+        drive[j] = dtv[j] * u[b, p, ui, d0 + j]
+
+
 @nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def scan_forward(
     u, delta, A, B, C, D, positions, segment, group_of, u_of, y_of, y, last_state
@@ -115,11 +133,7 @@ def scan_forward(
             ui = u_of[s]
             yi = y_of[s]
             seg = segment[s]
-            for n in range(n_state):
-                for j in range(LANES):
-                    a[n, j] = A[g, n, d0 + j]
-            for j in range(LANES):
-                skip[j] = D[g, d0 + j]
+            _load_group(A, D, g, d0, a, skip)
             count = 0
             for t in range(length):
                 if count == 0:
@@ -212,12 +226,8 @@ def scan_backward(
             ui = u_of[s]
             yi = y_of[s]
             seg = segment[s]
-            for n in range(n_state):
-                for j in range(LANES):
-                    a[n, j] = A[g, n, d0 + j]
-            for j in range(LANES):
-                skip[j] = D[g, d0 + j]
-                g_d[j] = 0.0
+            _load_group(A, D, g, d0, a, skip)
+            g_d[:] = 0.0
             g_a[:] = 0.0
             # pass 1: the state entering every chunk
             h[:] = 0.0
@@ -227,9 +237,7 @@ def scan_backward(
                 if t % seg == 0:
                     h[:] = 0.0
                 p = positions[s, t]
-                for j in range(LANES):
-                    dtv[j] = delta[g, b, p, d0 + j]
-                    drive[j] = dtv[j] * u[b, p, ui, d0 + j]
+                _load_step(u, delta, b, p, ui, g, d0, dtv, drive)
                 for n in range(n_state):
                     bn = B[b, p, g, n]
                     for j in range(LANES):
@@ -246,9 +254,7 @@ def scan_backward(
                     if t % seg == 0:
                         h[:] = 0.0
                     p = positions[s, t]
-                    for j in range(LANES):
-                        dtv[j] = delta[g, b, p, d0 + j]
-                        drive[j] = dtv[j] * u[b, p, ui, d0 + j]
+                    _load_step(u, delta, b, p, ui, g, d0, dtv, drive)
                     i = t - t0
                     for n in range(n_state):
                         bn = B[b, p, g, n]
