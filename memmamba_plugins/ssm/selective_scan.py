@@ -448,14 +448,14 @@ def selective_scan(
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32
     u_c, delta_c = u.to(compute), delta.to(compute)
     A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
+    if delta_bias is not None:
+        delta_c = delta_c + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta_c = softplus_cpu(delta_c) if name == "numba" else F.softplus(delta_c)
     if name == "numba":
         batch, dim, length = u_c.shape
         groups = B_c.shape[1] if B_c.dim() == 4 else 1
         per_group = dim // groups
-        if delta_bias is not None:
-            delta_c = delta_c + delta_bias.to(compute)[:, None]
-        if delta_softplus:
-            delta_c = softplus_cpu(delta_c)
         y, last = selective_scan_orders(
             u_c.transpose(1, 2).reshape(batch, length, groups, per_group),
             delta_c.reshape(batch, groups, per_group, length).permute(1, 0, 3, 2),
@@ -469,10 +469,6 @@ def selective_scan(
         y = y.reshape(batch, length, dim).transpose(1, 2)
         last = last.reshape(batch, dim, -1)
     else:
-        if delta_bias is not None:
-            delta_c = delta_c + delta_bias.to(compute)[:, None]
-        if delta_softplus:
-            delta_c = F.softplus(delta_c)
         y, last = _scan_torch(u_c, delta_c, A_c, B_c, C_c)
         if D is not None:
             y = y + u_c * D.to(compute)[:, None]
