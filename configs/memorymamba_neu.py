@@ -7,9 +7,8 @@ _base_ = [
     "./_base_/models/memorymamba_tiny.py",
     "./_base_/datasets/defect_folder.py",
     "./_base_/schedules/memorymamba_paper.py",
-    "mmpretrain::_base_/default_runtime.py",
+    "./_base_/memorymamba_runtime.py",
 ]
-custom_imports = dict(imports=["memmamba_plugins.memory_mamba"], allow_failed_imports=False)
 
 num_classes = 6
 data_root = "data/neu"
@@ -19,9 +18,3 @@ data_preprocessor = dict(num_classes=num_classes)
 train_dataloader = dict(dataset=dict(data_root=data_root))
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
-
-default_hooks = dict(
-    logger=dict(type="LoggerHook", interval=10),
-    checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=2, save_best="accuracy/top1"),
-)
-randomness = dict(seed=0, deterministic=False)
