@@ -18,7 +18,14 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from .checkpoint import load_vmamba_pretrained
-from .memory import DEFAULT_FUSION_SCALE, MemoryState, MemSS2D
+from .memory import (
+    DEFAULT_FUSION_SCALE,
+    DEFAULT_MEM_HIDDEN_RATIO,
+    DEFAULT_NCE_DIM,
+    DEFAULT_SLOTS,
+    MemoryState,
+    MemSS2D,
+)
 
 #: Stage depths / stem width of the presets. ``tiny`` is the official MemoryMamba tiny (2/2/5/2,
 #: a VMamba fork); ``small`` and ``base`` are VMamba's S and B sizes.
@@ -156,13 +163,13 @@ class MemoryMamba(BaseBackbone):
         out_indices: Sequence[int] = (-1,),
         drop_path_rate: float = 0.2,
         frozen_stages: int = -1,
-        coarse_slots: int = 12,
-        fine_slots: int = 12,
+        coarse_slots: int = DEFAULT_SLOTS,
+        fine_slots: int = DEFAULT_SLOTS,
         use_fusion: bool = True,
         similarity: str = "cosine",
         fusion_scale: float = DEFAULT_FUSION_SCALE,
-        mem_hidden_ratio: float = 0.25,
-        nce_dim: int = 64,
+        mem_hidden_ratio: float = DEFAULT_MEM_HIDDEN_RATIO,
+        nce_dim: int = DEFAULT_NCE_DIM,
         mlp_ratio: float = 0.0,
         d_state: int = 16,
         ssm_ratio: float = 2.0,

@@ -24,6 +24,12 @@ from memmamba_plugins.ssm import SS2D
 SIMILARITIES: tuple[str, ...] = ("cosine", "l1", "l2")
 #: Scale of the fused memory read-outs added to Z (the official code adds ``0.1 * x_c' + 0.1 * x_f'``).
 DEFAULT_FUSION_SCALE = 0.1
+#: Memory slots per memory (the official code's M = 12, coarse and fine alike).
+DEFAULT_SLOTS = 12
+#: Query-MLP hidden width relative to the SS2D inner width.
+DEFAULT_MEM_HIDDEN_RATIO = 0.25
+#: Width of the InfoNCE projections.
+DEFAULT_NCE_DIM = 64
 #: Std of the truncated-normal init of the memory slots (small, like token embeddings).
 SLOT_INIT_STD = 0.02
 
@@ -109,13 +115,13 @@ class MemSS2D(SS2D):
     def __init__(
         self,
         d_model: int,
-        coarse_slots: int = 12,
-        fine_slots: int = 12,
+        coarse_slots: int = DEFAULT_SLOTS,
+        fine_slots: int = DEFAULT_SLOTS,
         use_fusion: bool = True,
         similarity: str = "cosine",
         fusion_scale: float = DEFAULT_FUSION_SCALE,
-        mem_hidden_ratio: float = 0.25,
-        nce_dim: int = 64,
+        mem_hidden_ratio: float = DEFAULT_MEM_HIDDEN_RATIO,
+        nce_dim: int = DEFAULT_NCE_DIM,
         **ss2d_kwargs,
     ) -> None:
         super().__init__(d_model, **ss2d_kwargs)
