@@ -9,8 +9,9 @@ platform torch supports, and needs no C++ toolchain on the user's machine.
 Layout (channel-last, ``Dg`` channels per parameter group):
 
 * ``u``     ``(batch, L, U, Dg)``  -- ``U`` is 1 when every scan order reads the same input (SS2D);
-* ``delta`` ``(G, batch, L, Dg)``  -- step sizes, already biased and soft-plussed (group-major:
-  the layout a batched matmul of the step-size projection produces);
+* ``delta`` ``(G, batch, L, Dg)``  -- raw step sizes (group-major: the layout a batched matmul of
+  the step-size projection produces); the kernels add ``delta_bias`` ``(G, Dg)`` and apply
+  softplus on the fly, so the biased / soft-plussed copy of this largest input is never stored;
 * ``A``     ``(G, N, Dg)``; ``B``, ``C`` ``(batch, L, G, N)``; ``D`` ``(G, Dg)``;
 * ``y``     ``(batch, L, Y, Dg)``  -- ``Y`` is 1 when the orders' outputs are summed (SS2D).
 
@@ -82,32 +83,93 @@ def exp_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     return out
 
 
+_SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch.nn.functional.softplus's default: linear above it
+
+
+@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _softplus(x: np.float32) -> np.float32:  # pragma: no cover - compiled
+    """``log(1 + exp(x))`` as ``torch.nn.functional.softplus`` (threshold 20), vectorisable.
+
+    ``log1p(e)`` with ``e = exp(-|x|)`` in ``(0, 1]`` is ``2 atanh(s)``, ``s = e / (2 + e) <= 1/3``,
+    whose odd series to ``s^15`` is exact to ~1e-9 relative -- unlike libm's ``log1p``, it
+    vectorises. NaN propagates (the comparison below is false for it).
+    """
+    e = _exp(-abs(x))
+    s = e / (np.float32(2.0) + e)
+    s2 = s * s
+    p = np.float32(1.0 / 15.0)
+    p = p * s2 + np.float32(1.0 / 13.0)
+    p = p * s2 + np.float32(1.0 / 11.0)
+    p = p * s2 + np.float32(1.0 / 9.0)
+    p = p * s2 + np.float32(1.0 / 7.0)
+    p = p * s2 + np.float32(1.0 / 5.0)
+    p = p * s2 + np.float32(1.0 / 3.0)
+    p = p * s2 + np.float32(1.0)
+    r = max(x, np.float32(0.0)) + np.float32(2.0) * s * p
+    return r if x <= _SOFTPLUS_THRESHOLD else x
+
+
+@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _sigmoid(x: np.float32) -> np.float32:  # pragma: no cover - compiled
+    """``1 / (1 + exp(-x))`` without overflow or cancellation on either side (softplus' slope)."""
+    e = _exp(-abs(x))
+    return (np.float32(1.0) if x >= np.float32(0.0) else e) / (np.float32(1.0) + e)
+
+
+@nb.njit(fastmath=_FASTMATH, cache=True)
+def softplus_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Element-wise :func:`_softplus` over a 1-D float32 array (for accuracy tests)."""
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = _softplus(x[i])
+    return out
+
+
+@nb.njit(fastmath=_FASTMATH, cache=True)
+def sigmoid_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Element-wise :func:`_sigmoid` over a 1-D float32 array (for accuracy tests)."""
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = _sigmoid(x[i])
+    return out
+
+
 @nb.njit(inline="always", cache=True)
-def _load_group(A, D, g, d0, a, skip):  # pragma: no cover - compiled
-    """Copy group ``g``'s ``A`` (N, LANES) and ``D`` (LANES,) for channels ``d0 : d0 + LANES``."""
+def _load_group(A, D, delta_bias, g, d0, a, skip, bias):  # pragma: no cover - compiled
+    """Copy group ``g``'s ``A`` (N, LANES), ``D`` and ``delta_bias`` (LANES,) for channels ``d0 : d0 + LANES``."""
     for n in range(a.shape[0]):
         for j in range(LANES):
             a[n, j] = A[g, n, d0 + j]
     for j in range(LANES):
         skip[j] = D[g, d0 + j]
+        bias[j] = delta_bias[g, d0 + j]
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
-def _load_step(u, delta, b, p, ui, g, d0, dtv, drive):  # pragma: no cover - compiled
+def _step_size(raw: np.float32, bias: np.float32, delta_softplus: bool) -> np.float32:  # pragma: no cover
+    """``softplus(raw + bias)``, or ``raw + bias`` without softplus (a select, so the loop stays vectorised)."""
+    v = raw + bias
+    sp = _softplus(v)
+    return sp if delta_softplus else v
+
+
+@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _load_step(u, delta, bias, delta_softplus, b, p, ui, g, d0, dtv, drive):  # pragma: no cover - compiled
     """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for ``LANES`` channels."""
     for j in range(LANES):
-        dtv[j] = delta[g, b, p, d0 + j]
+        dtv[j] = _step_size(delta[g, b, p, d0 + j], bias[j], delta_softplus)
         drive[j] = dtv[j] * u[b, p, ui, d0 + j]
 
 
 @nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def scan_forward(
-    u, delta, A, B, C, D, positions, segment, group_of, u_of, y_of, y, last_state
+    u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of, y, last_state
 ):  # pragma: no cover - compiled
     """Forward scan of every order; adds into ``y`` (the caller zeroes it).
 
     Args:
-        u, delta, A, B, C, D: see the module docstring.
+        u, delta, A, B, C, D, delta_bias: see the module docstring.
+        delta_softplus: step size ``softplus(delta + delta_bias)`` instead of ``delta + delta_bias``.
         positions: ``(S, L)`` int64, the position visited at each step of order ``s``.
         segment: ``(S,)`` int64, the state restarts from zero every ``segment[s]`` steps.
         group_of, u_of, y_of: ``(S,)`` int64, parameter group / input slot / output slot of ``s``.
@@ -125,6 +187,7 @@ def scan_forward(
         a = np.zeros((n_state, LANES), np.float32)
         h = np.zeros((n_state, LANES), np.float32)
         skip = np.zeros(LANES, np.float32)
+        bias = np.zeros(LANES, np.float32)
         dtv = np.zeros(LANES, np.float32)
         drive = np.zeros(LANES, np.float32)
         acc = np.zeros(LANES, np.float32)
@@ -133,7 +196,7 @@ def scan_forward(
             ui = u_of[s]
             yi = y_of[s]
             seg = segment[s]
-            _load_group(A, D, g, d0, a, skip)
+            _load_group(A, D, delta_bias, g, d0, a, skip, bias)
             count = 0
             for t in range(length):
                 if count == 0:
@@ -144,7 +207,7 @@ def scan_forward(
                 p = positions[s, t]
                 for j in range(LANES):
                     uv = u[b, p, ui, d0 + j]
-                    dtv[j] = delta[g, b, p, d0 + j]
+                    dtv[j] = _step_size(delta[g, b, p, d0 + j], bias[j], delta_softplus)
                     drive[j] = dtv[j] * uv
                     acc[j] = skip[j] * uv
                 for n in range(n_state):
@@ -169,6 +232,8 @@ def scan_backward(
     B,
     C,
     D,
+    delta_bias,
+    delta_softplus,
     positions,
     segment,
     group_of,
@@ -186,9 +251,11 @@ def scan_backward(
     """Backward scan: per chunk of ``CHECKPOINT`` steps, recompute the states, then sweep back.
 
     Args:
-        u, delta, A, B, C, D, positions, segment, group_of, u_of, y_of: as :func:`scan_forward`.
+        u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of:
+            as :func:`scan_forward`.
         grad_y: ``(batch, L, Y, Dg)``; grad_last: ``(batch, S, Dg, N)``.
-        grad_u: ``(batch, L, U, Dg)``; grad_delta: ``(G, batch, L, Dg)``; both accumulated.
+        grad_u: ``(batch, L, U, Dg)``; grad_delta: ``(G, batch, L, Dg)``, the gradient of the raw
+            ``delta`` (through the softplus); both accumulated.
         grad_A_part: ``(batch, G, N, Dg)``; grad_D_part: ``(batch, G, Dg)``; accumulated, summed
             over batch by the caller.
         grad_B_part, grad_C_part: ``(batch, blocks, L, G, N)``; accumulated, summed over channel
@@ -214,7 +281,9 @@ def scan_backward(
         decays = np.zeros((CHECKPOINT, n_state, LANES), np.float32)
         zero = np.zeros((n_state, LANES), np.float32)
         skip = np.zeros(LANES, np.float32)
+        bias = np.zeros(LANES, np.float32)
         dtv = np.zeros(LANES, np.float32)
+        slope = np.zeros(LANES, np.float32)
         uv = np.zeros(LANES, np.float32)
         gyv = np.zeros(LANES, np.float32)
         drive = np.zeros(LANES, np.float32)
@@ -226,7 +295,7 @@ def scan_backward(
             ui = u_of[s]
             yi = y_of[s]
             seg = segment[s]
-            _load_group(A, D, g, d0, a, skip)
+            _load_group(A, D, delta_bias, g, d0, a, skip, bias)
             g_d[:] = 0.0
             g_a[:] = 0.0
             # pass 1: the state entering every chunk
@@ -237,7 +306,7 @@ def scan_backward(
                 if t % seg == 0:
                     h[:] = 0.0
                 p = positions[s, t]
-                _load_step(u, delta, b, p, ui, g, d0, dtv, drive)
+                _load_step(u, delta, bias, delta_softplus, b, p, ui, g, d0, dtv, drive)
                 for n in range(n_state):
                     bn = B[b, p, g, n]
                     for j in range(LANES):
@@ -254,7 +323,7 @@ def scan_backward(
                     if t % seg == 0:
                         h[:] = 0.0
                     p = positions[s, t]
-                    _load_step(u, delta, b, p, ui, g, d0, dtv, drive)
+                    _load_step(u, delta, bias, delta_softplus, b, p, ui, g, d0, dtv, drive)
                     i = t - t0
                     for n in range(n_state):
                         bn = B[b, p, g, n]
@@ -268,7 +337,10 @@ def scan_backward(
                     p = positions[s, t]
                     i = t - t0
                     for j in range(LANES):
-                        dtv[j] = delta[g, b, p, d0 + j]
+                        v = delta[g, b, p, d0 + j] + bias[j]
+                        sig = _sigmoid(v)
+                        dtv[j] = _softplus(v) if delta_softplus else v
+                        slope[j] = sig if delta_softplus else np.float32(1.0)
                         uv[j] = u[b, p, ui, d0 + j]
                         gyv[j] = grad_y[b, p, yi, d0 + j]
                         g_u[j] = skip[j] * gyv[j]
@@ -302,43 +374,12 @@ def scan_backward(
                         gh[:] = 0.0
                     for j in range(LANES):
                         grad_u[b, p, ui, d0 + j] += g_u[j]
-                        grad_delta[g, b, p, d0 + j] += g_dt[j]
+                        grad_delta[g, b, p, d0 + j] += g_dt[j] * slope[j]
             for n in range(n_state):
                 for j in range(LANES):
                     grad_A_part[b, g, n, d0 + j] += g_a[n, j]
             for j in range(LANES):
                 grad_D_part[b, g, d0 + j] += g_d[j]
-
-
-_SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch.nn.functional.softplus's default: linear above it
-_SOFTPLUS_CHUNK = 4096
-
-
-@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def softplus(x, out):  # pragma: no cover - compiled
-    """``out = log(1 + exp(x))`` over flat float32 arrays, as ``torch.nn.functional.softplus``.
-
-    ``log1p(e)`` with ``e = exp(-|x|)`` in ``(0, 1]`` is ``2 atanh(s)``, ``s = e / (2 + e) <= 1/3``,
-    whose odd series to ``s^15`` is exact to ~1e-9 relative -- all vectorisable, unlike libm's
-    ``log1p``. NaN propagates (the comparison below is false for it).
-    """
-    n = x.size
-    for c in nb.prange((n + _SOFTPLUS_CHUNK - 1) // _SOFTPLUS_CHUNK):
-        for i in range(c * _SOFTPLUS_CHUNK, min(n, (c + 1) * _SOFTPLUS_CHUNK)):
-            v = x[i]
-            e = _exp(-abs(v))
-            s = e / (np.float32(2.0) + e)
-            s2 = s * s
-            p = np.float32(1.0 / 15.0)
-            p = p * s2 + np.float32(1.0 / 13.0)
-            p = p * s2 + np.float32(1.0 / 11.0)
-            p = p * s2 + np.float32(1.0 / 9.0)
-            p = p * s2 + np.float32(1.0 / 7.0)
-            p = p * s2 + np.float32(1.0 / 5.0)
-            p = p * s2 + np.float32(1.0 / 3.0)
-            p = p * s2 + np.float32(1.0)
-            r = (v if v > np.float32(0.0) else np.float32(0.0)) + np.float32(2.0) * s * p
-            out[i] = r if v <= _SOFTPLUS_THRESHOLD else v
 
 
 def blocks_for(dg: int) -> int:

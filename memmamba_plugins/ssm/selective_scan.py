@@ -206,34 +206,6 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     return y, state[:, :, -1]
 
 
-class _Softplus(torch.autograd.Function):
-    """``softplus`` by the vectorised CPU kernel; gradient ``sigmoid(x)`` (torch's own softplus is
-    several times slower on CPU and sat on the SS2D critical path)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        from . import cpu_kernel
-
-        _set_numba_threads()
-        x = x.detach().float().contiguous()
-        # zeros, not empty: torch touches the new pages with both threads; first-touch page faults
-        # inside the numba threads were measured to cost more than the softplus itself
-        out = torch.zeros_like(x)
-        cpu_kernel.softplus(x.view(-1).numpy(), out.view(-1).numpy())
-        ctx.save_for_backward(x)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * torch.sigmoid(x)
-
-
-def softplus_cpu(x: Tensor) -> Tensor:
-    """``torch.nn.functional.softplus`` (threshold 20) for CPU float tensors via the numba kernel."""
-    return _Softplus.apply(x)
-
-
 @dataclass(frozen=True, eq=False)
 class ScanOrders:
     """The scan orders one call of the fused CPU kernel runs (see :mod:`.cpu_kernel`).
@@ -271,28 +243,41 @@ class ScanOrders:
 class _NumbaScan(torch.autograd.Function):
     """Autograd wrapper of the fused CPU kernels (float32, layouts of :mod:`.cpu_kernel`).
 
-    Inputs ``u`` ``(batch, L, U, Dg)``, ``delta`` ``(G, batch, L, Dg)`` (already biased and
-    soft-plussed), ``A`` ``(G, N, Dg)``, ``B``, ``C`` ``(batch, L, G, N)``, ``D`` ``(G, Dg)``;
-    returns ``y`` ``(batch, L, Y, Dg)`` and the last states ``(batch, S, Dg, N)``.
+    Inputs ``u`` ``(batch, L, U, Dg)``, raw ``delta`` ``(G, batch, L, Dg)``, ``A`` ``(G, N, Dg)``,
+    ``B``, ``C`` ``(batch, L, G, N)``, ``D`` and ``delta_bias`` ``(G, Dg)``; returns ``y``
+    ``(batch, L, Y, Dg)`` and the last states ``(batch, S, Dg, N)``.
     """
 
     @staticmethod
     def forward(
-        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, orders: ScanOrders
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        delta_bias: Tensor,
+        delta_softplus: bool,
+        orders: ScanOrders,
     ) -> tuple[Tensor, Tensor]:
         from . import cpu_kernel
 
         _set_numba_threads()
-        u, delta, A, B, C, D = (t.detach().float().contiguous() for t in (u, delta, A, B, C, D))
+        u, delta, A, B, C, D, delta_bias = (
+            t.detach().float().contiguous() for t in (u, delta, A, B, C, D, delta_bias)
+        )
         batch, length, _, dg = u.shape
         y = u.new_zeros(batch, length, orders.n_outputs, dg)
         last = u.new_empty(batch, len(orders.segment), dg, A.shape[1])
         cpu_kernel.scan_forward(
-            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(),
-            orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of, y.numpy(), last.numpy(),
+            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(), delta_bias.numpy(),
+            delta_softplus, orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of,
+            y.numpy(), last.numpy(),
         )  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, D)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.orders = orders
+        ctx.delta_softplus = delta_softplus
         return y, last
 
     @staticmethod
@@ -300,7 +285,7 @@ class _NumbaScan(torch.autograd.Function):
         from . import cpu_kernel
 
         _set_numba_threads()
-        u, delta, A, B, C, D = ctx.saved_tensors
+        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         orders: ScanOrders = ctx.orders
         batch, length, _, dg = u.shape
         groups, n_state = A.shape[0], A.shape[1]
@@ -317,12 +302,23 @@ class _NumbaScan(torch.autograd.Function):
         grad_C = u.new_zeros(batch, blocks, length, groups, n_state)
         grad_D = u.new_zeros(batch, groups, dg)
         cpu_kernel.scan_backward(
-            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(),
-            orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of,
+            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(), delta_bias.numpy(),
+            ctx.delta_softplus, orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of,
             grad_y.numpy(), grad_last.numpy(),
             grad_u.numpy(), grad_delta.numpy(), grad_A.numpy(), grad_B.numpy(), grad_C.numpy(), grad_D.numpy(),
         )  # fmt: skip
-        return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(1), grad_C.sum(1), grad_D.sum(0), None
+        grad_bias = grad_delta.sum((1, 2))  # the bias is added at every step of every order
+        return (
+            grad_u,
+            grad_delta,
+            grad_A.sum(0),
+            grad_B.sum(1),
+            grad_C.sum(1),
+            grad_D.sum(0),
+            grad_bias,
+            None,
+            None,
+        )
 
 
 def selective_scan_orders(
@@ -333,6 +329,8 @@ def selective_scan_orders(
     C: Tensor,
     D: Tensor | None,
     orders: ScanOrders,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
     check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Run several scan orders over shared channel-last buffers with the fused CPU kernel.
@@ -343,11 +341,14 @@ def selective_scan_orders(
 
     Args:
         u: ``(batch, L, U, Dg)``.
-        delta: ``(G, batch, L, Dg)`` step sizes, already biased and soft-plussed.
+        delta: ``(G, batch, L, Dg)`` step sizes before ``delta_bias`` / softplus.
         A: ``(G, N, Dg)``.
         B, C: ``(batch, L, G, N)``.
         D: ``(G, Dg)`` skip, or ``None``.
         orders: the orders to run.
+        delta_bias: ``(G, Dg)`` added to ``delta``, or ``None``.
+        delta_softplus: step size ``softplus(delta + delta_bias)``; computed inside the kernel, so
+            no biased / soft-plussed copy of ``delta`` is made.
         check_finite: raise on NaN/Inf inputs (callers that checked already pass ``False``).
 
     Returns:
@@ -364,23 +365,26 @@ def selective_scan_orders(
         "B": (batch, length, groups, n_state),
         "C": (batch, length, groups, n_state),
     }
-    for name, tensor in (("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if tuple(tensor.shape) != expected[name]:
+    if delta_bias is not None:
+        expected["delta_bias"] = (groups, dg)
+    for name, tensor in (("delta", delta), ("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias)):
+        if name in expected and tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}.")
     if orders.positions.shape[1] != length:
         raise ValueError(f"scan orders cover {orders.positions.shape[1]} positions, the inputs {length}.")
     if int(orders.u_of.max()) >= n_u or int(orders.group_of.max()) >= groups:
         raise ValueError("scan orders name an input slot or group the inputs do not have.")
     if check_finite:
-        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D)
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
     from .cpu_kernel import LANES
 
     D = u.new_zeros(groups, dg) if D is None else D
+    delta_bias = u.new_zeros(groups, dg) if delta_bias is None else delta_bias
     pad = -dg % LANES
     if pad:
         # zero channels scan to zero and get zero gradients; autograd slices them off again
-        u, delta, A, D = (F.pad(t, (0, pad)) for t in (u, delta, A, D))
-    y, last = _NumbaScan.apply(u, delta, A, B, C, D, orders)
+        u, delta, A, D, delta_bias = (F.pad(t, (0, pad)) for t in (u, delta, A, D, delta_bias))
+    y, last = _NumbaScan.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
     if pad:
         y, last = y[..., :dg], last[:, :, :dg]
     return y, last
@@ -448,10 +452,6 @@ def selective_scan(
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32
     u_c, delta_c = u.to(compute), delta.to(compute)
     A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
-    if delta_bias is not None:
-        delta_c = delta_c + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta_c = softplus_cpu(delta_c) if name == "numba" else F.softplus(delta_c)
     if name == "numba":
         batch, dim, length = u_c.shape
         groups = B_c.shape[1] if B_c.dim() == 4 else 1
@@ -464,11 +464,17 @@ def selective_scan(
             C_c.reshape(batch, groups, -1, length).permute(0, 3, 1, 2),
             None if D is None else D.to(compute).reshape(groups, per_group),
             ScanOrders.sequential(length, groups),
+            delta_bias=None if delta_bias is None else delta_bias.to(compute).reshape(groups, per_group),
+            delta_softplus=delta_softplus,
             check_finite=False,
         )
         y = y.reshape(batch, length, dim).transpose(1, 2)
         last = last.reshape(batch, dim, -1)
     else:
+        if delta_bias is not None:
+            delta_c = delta_c + delta_bias.to(compute)[:, None]
+        if delta_softplus:
+            delta_c = F.softplus(delta_c)
         y, last = _scan_torch(u_c, delta_c, A_c, B_c, C_c)
         if D is not None:
             y = y + u_c * D.to(compute)[:, None]
@@ -521,19 +527,16 @@ def selective_scan_channel_last(
     batch, length, dim = u.shape
     groups = B.shape[1]
     per_group = dim // groups
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()
-    if delta_softplus:
-        delta = softplus_cpu(delta)
     y, _ = selective_scan_orders(
         u.float().reshape(batch, length, groups, per_group),
-        delta.reshape(batch, length, groups, per_group).permute(2, 0, 1, 3),
+        delta.float().reshape(batch, length, groups, per_group).permute(2, 0, 1, 3),
         A.float().reshape(groups, per_group, -1).transpose(1, 2),
         B.float().permute(0, 2, 1, 3),
         C.float().permute(0, 2, 1, 3),
         None if D is None else D.float().reshape(groups, per_group),
         ScanOrders.sequential(length, groups),
+        delta_bias=None if delta_bias is None else delta_bias.float().reshape(groups, per_group),
+        delta_softplus=delta_softplus,
     )
     return y.reshape(batch, length, dim).to(u.dtype)
 
@@ -550,5 +553,4 @@ __all__ = [
     "selective_scan_channel_last",
     "selective_scan_orders",
     "selective_scan_ref",
-    "softplus_cpu",
 ]

@@ -25,7 +25,6 @@ from .selective_scan import (
     resolve_backend,
     selective_scan_channel_last,
     selective_scan_orders,
-    softplus_cpu,
 )
 
 #: Scan directions, in the order of the per-direction parameters (VMamba's order).
@@ -274,21 +273,21 @@ class SS2D(nn.Module):
         seq = x.reshape(b, length, d)
         x_dbl = (seq @ self.x_proj_weight.reshape(-1, d).t()).reshape(b, length, k, -1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
-        # (K, B*L, D) straight out of one batched matmul, bias fused: the kernel's delta layout
-        dts = torch.baddbmm(
-            self.dt_projs_bias.unsqueeze(1),
-            dts.reshape(b * length, k, self.dt_rank).transpose(0, 1),
-            self.dt_projs_weight.transpose(1, 2),
+        # (K, B*L, D) straight out of one batched matmul is the kernel's delta layout; the kernel
+        # adds the bias and applies softplus as it reads it, so no second copy is stored
+        dts = torch.bmm(
+            dts.reshape(b * length, k, self.dt_rank).transpose(0, 1), self.dt_projs_weight.transpose(1, 2)
         )
-        delta = softplus_cpu(dts).reshape(k, b, length, d)
         y, _ = selective_scan_orders(
             seq.unsqueeze(2),
-            delta,
+            dts.reshape(k, b, length, d),
             -torch.exp(self.A_logs.float()).reshape(k, d, self.d_state).transpose(1, 2),
             Bs,
             Cs,
             self.Ds.float().reshape(k, d),
             cross_scan_orders(h, w, levels, per_direction_output),
+            delta_bias=self.dt_projs_bias.float(),
+            delta_softplus=True,
         )
         return y.reshape(b, h, w, -1, d)
 
