@@ -29,11 +29,20 @@ from .memory import (
 
 #: Stage depths / stem width of the presets. ``tiny`` is the official MemoryMamba tiny (2/2/5/2,
 #: a VMamba fork); ``small`` and ``base`` are VMamba's S and B sizes.
+#: All three share the SS2D settings of the official code's ``vssm_tiny/small/base`` (VMamba's
+#: ``0229``/``0230`` ImageNet checkpoints): see the ``SSM_*`` constants below.
 ARCH_SETTINGS: dict[str, dict] = {
     "tiny": {"depths": (2, 2, 5, 2), "embed_dim": 96},
     "small": {"depths": (2, 2, 15, 2), "embed_dim": 96},
     "base": {"depths": (2, 2, 15, 2), "embed_dim": 128},
 }
+#: SS2D settings of the official MemoryMamba models (VMamba ``forward_type="v3noz"``): state size 1,
+#: inner width 2x, no gate branch, depthwise conv without bias, and an MLP branch of ratio 4.
+SSM_D_STATE = 1
+SSM_RATIO = 2.0
+SSM_GATED = False
+SSM_CONV_BIAS = False
+MLP_RATIO = 4.0
 #: Keys a custom ``arch`` dict must carry.
 ARCH_KEYS: tuple[str, ...] = ("depths", "embed_dim")
 #: Std of the truncated-normal init of linear layers (ViT / VMamba convention).
@@ -74,7 +83,12 @@ class Downsample(nn.Module):
         self.norm = ChannelLastLayerNorm(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        x = x.permute(0, 3, 1, 2)
+        if self.conv.weight.numel() > x.numel():
+            # a channel-last input makes oneDNN re-lay the weight out on every call; in the late
+            # stages the weight is larger than the map, so copying the map is the cheaper side
+            x = x.contiguous()
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
 class Mlp(nn.Module):
@@ -147,8 +161,11 @@ class MemoryMamba(BaseBackbone):
         fusion_scale: factor on the fused read-outs.
         mem_hidden_ratio: query-MLP hidden width relative to the SS2D inner width.
         nce_dim: width of the InfoNCE projections.
-        mlp_ratio: VMamba MLP branch width (0 = none, as in the paper's block).
-        d_state, ssm_ratio, dt_rank, d_conv: SS2D settings (``ssm_ratio`` is SS2D's ``expand``).
+        mlp_ratio: VMamba MLP branch width (4 as the official models; 0 removes the branch).
+        d_state, ssm_ratio, dt_rank, d_conv: SS2D settings (``ssm_ratio`` is SS2D's ``expand``);
+            the defaults are the official models' (state size 1, ratio 2).
+        gated: SS2D's ``SiLU(z)`` gate branch (off in the official models, VMamba v1 had it).
+        conv_bias: bias of SS2D's depthwise conv (off in the official models).
         ss2d_cfg: further :class:`~memmamba_plugins.ssm.SS2D` keyword arguments.
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=...)`` loads a VMamba
             checkpoint through the key mapping in :mod:`.checkpoint`.
@@ -170,11 +187,13 @@ class MemoryMamba(BaseBackbone):
         fusion_scale: float = DEFAULT_FUSION_SCALE,
         mem_hidden_ratio: float = DEFAULT_MEM_HIDDEN_RATIO,
         nce_dim: int = DEFAULT_NCE_DIM,
-        mlp_ratio: float = 0.0,
-        d_state: int = 16,
-        ssm_ratio: float = 2.0,
+        mlp_ratio: float = MLP_RATIO,
+        d_state: int = SSM_D_STATE,
+        ssm_ratio: float = SSM_RATIO,
         dt_rank: int | str = "auto",
         d_conv: int = 3,
+        gated: bool = SSM_GATED,
+        conv_bias: bool = SSM_CONV_BIAS,
         ss2d_cfg: dict | None = None,
         init_cfg: dict | list | None = None,
     ) -> None:
@@ -200,8 +219,10 @@ class MemoryMamba(BaseBackbone):
             expand=ssm_ratio,
             dt_rank=dt_rank,
             d_conv=d_conv,
-            **(ss2d_cfg or {}),
+            gated=gated,
+            conv_bias=conv_bias,
         )
+        mem_kwargs.update(ss2d_cfg or {})
         self.patch_embed = PatchEmbed(in_channels, embed_dim)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
@@ -300,6 +321,7 @@ class MemoryMamba(BaseBackbone):
         states: list[MemoryState] = []
         for i, stage in enumerate(self.stages):
             for block in stage.blocks:
+                block.op.record_state = return_memory
                 x = block(x)
                 if return_memory and block.op.last_state is not None:
                     states.append(block.op.last_state)

@@ -144,23 +144,32 @@ class MemSS2D(SS2D):
             self.nce_z = nn.Linear(d, nce_dim)
             self.nce_mem = nn.Sequential(nn.Linear(d, nce_dim), nn.GELU(), nn.Linear(nce_dim, nce_dim))
         self.last_state: MemoryState | None = None
+        #: build :attr:`last_state` for the memory losses (set by the backbone per forward)
+        self.record_state = False
 
     def condition(self, x: Tensor) -> Tensor:
-        """Read both memories from ``Z`` ``(B, D, H, W)`` and broadcast-add the fused read-outs."""
+        """Read both memories from ``Z`` ``(B, D, H, W)`` and broadcast-add the fused read-outs.
+
+        The :class:`MemoryState` for the losses (with its InfoNCE projections) is built only when
+        :attr:`record_state` is set -- the backbone sets it for ``return_memory=True`` -- so
+        inference pays for the read-outs and the fusion only.
+        """
         self.last_state = None
         if not self.has_memory:
             return x
         z = x.mean(dim=(2, 3))  # Pooling(Z_i), Eq. 20
         encoded = self.mem_conv(z)
-        state = MemoryState()
-        fused = torch.zeros_like(z)
+        state = MemoryState() if self.record_state else None
+        fused = None
         for name, bank in (("coarse", self.coarse), ("fine", self.fine)):
             if bank is None:
                 continue
             query, attn, readout = bank(encoded)
             # The read-out is already a vector per sample, so Pooling(M) (Eq. 19) is the identity.
-            weight = similarity(readout, z, self.similarity) if self.use_fusion else 1.0
-            fused = fused + weight * readout
+            weighted = similarity(readout, z, self.similarity) * readout if self.use_fusion else readout
+            fused = weighted if fused is None else fused + weighted
+            if state is None:
+                continue
             if name == "coarse":
                 state.coarse_query, state.coarse_attn = query, attn
             else:
