@@ -35,8 +35,11 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-#: Channels processed together by one task; 16 float32 = two AVX2 registers.
-LANES = 16
+#: Channels processed together by one task: 32 float32 = four AVX2 (two AVX-512) registers. Every
+#: step has a fixed cost (position lookup, loop entries), so wider tasks amortise it better; 32
+#: was measured 1.2-1.4x faster than 16 in the forward and 1.6-1.8x in the backward (d_state 1
+#: and 16), while the backward's per-chunk buffers still fit in L1/L2.
+LANES = 32
 #: Steps between the states the backward pass keeps; a chunk's states and decays stay in L1/L2.
 CHECKPOINT = 16
 
