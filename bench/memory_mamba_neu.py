@@ -11,7 +11,7 @@ and is shared by all models. Metrics are ACC and macro F1 on the full val split 
 ACC / F1). Skips cleanly (exit 0) when the data folder is absent.
 
 The default ``--arch tiny`` is the paper-size model; on a 2-core CPU use e.g.
-``--arch '{"depths": [1, 1, 2, 1], "embed_dim": 32}' --size 48 --train-per-class 100``.
+``--arch '{"depths": [1, 1, 2, 1], "embed_dim": 32}' --size 48 --epochs 15``.
 """
 
 from __future__ import annotations
