@@ -77,15 +77,6 @@ def _exp(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     return p * scale
 
 
-@nb.njit(fastmath=_FASTMATH, cache=True)
-def exp_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Element-wise :func:`_exp` over a 1-D float32 array (for accuracy tests)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = _exp(x[i])
-    return out
-
-
 _SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch.nn.functional.softplus's default: linear above it
 
 
@@ -119,22 +110,30 @@ def _sigmoid(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     return (np.float32(1.0) if x >= np.float32(0.0) else e) / (np.float32(1.0) + e)
 
 
-@nb.njit(fastmath=_FASTMATH, cache=True)
-def softplus_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Element-wise :func:`_softplus` over a 1-D float32 array (for accuracy tests)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = _softplus(x[i])
-    return out
+#: Scalar helpers :func:`elementwise_float32` applies, by name.
+ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "softplus", "sigmoid")
 
 
 @nb.njit(fastmath=_FASTMATH, cache=True)
-def sigmoid_float32(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Element-wise :func:`_sigmoid` over a 1-D float32 array (for accuracy tests)."""
+def _elementwise(x, op):  # pragma: no cover - compiled
     out = np.empty_like(x)
     for i in range(x.size):
-        out[i] = _sigmoid(x[i])
+        v = x[i]
+        if op == 0:
+            out[i] = _exp(v)
+        elif op == 1:
+            out[i] = _softplus(v)
+        else:
+            out[i] = _sigmoid(v)
     return out
+
+
+def elementwise_float32(x: np.ndarray, name: str) -> np.ndarray:
+    """One of the kernels' float32 ``exp`` / ``softplus`` / ``sigmoid`` over a 1-D float32 array.
+
+    The scan inlines these; this entry exists so the tests can check their accuracy directly.
+    """
+    return _elementwise(x, ELEMENTWISE_OPS.index(name))
 
 
 @nb.njit(inline="always", cache=True)
