@@ -81,12 +81,14 @@ _SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch.nn.functional.softplus's default
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
-def _softplus(x: np.float32) -> np.float32:  # pragma: no cover - compiled
-    """``log(1 + exp(x))`` as ``torch.nn.functional.softplus`` (threshold 20), vectorisable.
+def _softplus_and_slope(x: np.float32) -> tuple[np.float32, np.float32]:  # pragma: no cover - compiled
+    """``softplus(x) = log(1 + exp(x))`` (threshold 20, as torch) and its slope ``sigmoid(x)``.
 
-    ``log1p(e)`` with ``e = exp(-|x|)`` in ``(0, 1]`` is ``2 atanh(s)``, ``s = e / (2 + e) <= 1/3``,
-    whose odd series to ``s^15`` is exact to ~1e-9 relative -- unlike libm's ``log1p``, it
-    vectorises. NaN propagates (the comparison below is false for it).
+    Both come from one ``e = exp(-|x|)`` in ``(0, 1]``: ``log1p(e)`` is ``2 atanh(s)`` with
+    ``s = e / (2 + e) <= 1/3``, whose odd series to ``s^15`` is exact to ~1e-9 relative -- unlike
+    libm's ``log1p``, it vectorises; ``sigmoid`` is ``1 / (1 + e)`` or ``e / (1 + e)`` by the sign,
+    free of overflow and cancellation. NaN propagates (the threshold comparison is false for it).
+    Callers that use one result only pay for it: the other is dead code after inlining.
     """
     e = _exp(-abs(x))
     s = e / (np.float32(2.0) + e)
@@ -100,14 +102,18 @@ def _softplus(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     p = p * s2 + np.float32(1.0 / 3.0)
     p = p * s2 + np.float32(1.0)
     r = max(x, np.float32(0.0)) + np.float32(2.0) * s * p
-    return r if x <= _SOFTPLUS_THRESHOLD else x
+    slope = (np.float32(1.0) if x >= np.float32(0.0) else e) / (np.float32(1.0) + e)
+    return (r if x <= _SOFTPLUS_THRESHOLD else x), slope
+
+
+@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _softplus(x: np.float32) -> np.float32:  # pragma: no cover - compiled
+    return _softplus_and_slope(x)[0]
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
 def _sigmoid(x: np.float32) -> np.float32:  # pragma: no cover - compiled
-    """``1 / (1 + exp(-x))`` without overflow or cancellation on either side (softplus' slope)."""
-    e = _exp(-abs(x))
-    return (np.float32(1.0) if x >= np.float32(0.0) else e) / (np.float32(1.0) + e)
+    return _softplus_and_slope(x)[1]
 
 
 #: Scalar helpers :func:`elementwise_float32` applies, by name.
@@ -340,8 +346,8 @@ def scan_backward(
                     i = t - t0
                     for j in range(LANES):
                         v = delta[g, b, p, d0 + j] + bias[j]
-                        sig = _sigmoid(v)
-                        dtv[j] = _softplus(v) if delta_softplus else v
+                        sp, sig = _softplus_and_slope(v)
+                        dtv[j] = sp if delta_softplus else v
                         slope[j] = sig if delta_softplus else np.float32(1.0)
                         uv[j] = u[b, p, ui, d0 + j]
                         gyv[j] = grad_y[b, p, yi, d0 + j]
