@@ -156,3 +156,57 @@ def test_condition_hook_sits_between_conv_and_scan() -> None:
     # zero scan input -> scan output 0 -> LayerNorm(0) = its bias (0) -> projection of 0
     out = module(torch.randn(1, 4, 4, 8))
     assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [32, 64, 128])
+def test_kernel_block_widths_give_the_same_scan(width: int, monkeypatch) -> None:
+    # the kernel picks its channel-block width from batch, channels and threads; every width must
+    # give the torch path's forward and gradients (128 inner channels: 4, 2 or 1 blocks)
+    from memmamba_plugins.ssm import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "block_width", lambda *args: width)
+    torch.manual_seed(2)
+    fast, plain = make((0, 1), d_model=64, backend="numba"), make((0, 1), d_model=64, backend="torch")
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 8, 8, 64)
+    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_plain = fast(x_fast), plain(x_plain)
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(y_fast)
+    (y_fast * weight).sum().backward()
+    (y_plain * weight).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
+    for (name, p_fast), p_plain in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_block_width_fills_the_threads_then_widens() -> None:
+    from memmamba_plugins.ssm.cpu_kernel import LANES, MAX_BLOCK_STATE, block_width
+
+    assert block_width(1, 192, 1, 2) == 96  # batch 1: one block per thread
+    assert block_width(1, 768, 1, 2) == 384
+    assert block_width(64, 192, 1, 2) == 192  # a training batch keeps the threads busy anyway
+    assert block_width(1, 192, 16, 2) * 16 <= MAX_BLOCK_STATE  # large states stay cache-sized
+    assert block_width(1, LANES, 1, 8) == LANES
+    with pytest.raises(ValueError, match="multiple of"):
+        block_width(1, 40, 1, 2)
+
+
+def test_non_finite_input_raises_with_the_input_named() -> None:
+    module = make((0,), d_model=8, backend="numba")
+    x = torch.randn(1, 4, 4, 8)
+    x[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="'u' contains NaN or Inf"):
+        module(x)
+
+
+def test_overflow_inside_the_scan_raises() -> None:
+    from memmamba_plugins.ssm.selective_scan import selective_scan_orders
+    from memmamba_plugins.ssm.ss2d import cross_scan_orders
+
+    u = torch.full((1, 16, 1, 32), 3e38)  # finite, but y = D * u summed over four directions is not
+    delta = torch.zeros(4, 1, 16, 32)
+    A = -torch.ones(4, 1, 32)
+    B = C = torch.ones(1, 16, 4, 1)
+    with pytest.raises(ValueError, match="overflowed float32"):
+        selective_scan_orders(u, delta, A, B, C, torch.ones(4, 32), cross_scan_orders(4, 4, (0,), False))

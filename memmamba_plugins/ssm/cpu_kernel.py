@@ -21,10 +21,12 @@ restarts from a zero state every ``segment[s]`` steps. Plain Mamba is one order 
 sequence order; SS2D's four directions (and the Pyramid-Mamba sub-region scans, as segments) are
 orders over the same grid, so no flipped, transposed or region-split copy of the map is made.
 
-One task owns ``LANES`` channels of one batch element and runs every order for them, so the sums
-over orders (``y``, ``grad_u``, ``grad_delta``) need no locks. The innermost loops run over the
-``LANES`` contiguous channels with a constant trip count (LLVM turns them into AVX/NEON code),
-so ``Dg`` must be a multiple of ``LANES``; the caller pads other widths with zero channels.
+One task owns a block of contiguous channels of one batch element and runs every order for
+them, so the sums over orders (``y``, ``grad_u``, ``grad_delta``) need no locks. The innermost
+loops run over the block's channels (LLVM turns them into AVX/NEON code). Every step also has a
+fixed cost (position lookup, row addressing, loop entries) about that of 128 channels' arithmetic,
+so :func:`block_width` makes blocks as wide as the thread count allows. ``Dg`` must be a multiple
+of ``LANES``; the caller pads other widths with zero channels.
 
 Only float32 is compiled: :func:`_exp` is a float32 polynomial (relative error < 5e-7, checked in
 the tests); float64 inputs go to the pure-PyTorch path instead.
@@ -35,17 +37,25 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-#: Channels processed together by one task: 32 float32 = four AVX2 (two AVX-512) registers. Every
-#: step has a fixed cost (position lookup, loop entries), so wider tasks amortise it better; 32
-#: was measured 1.2-1.4x faster than 16 in the forward and 1.6-1.8x in the backward (d_state 1
-#: and 16), while the backward's per-chunk buffers still fit in L1/L2.
+#: Granule of the channel blocks (four AVX2 / two AVX-512 registers of float32): ``Dg`` is padded
+#: to a multiple of it, and every block width is one.
 LANES = 32
+#: A step's fixed cost in units of one channel's arithmetic (measured: ~185 ns against ~1.3 ns
+#: per channel on a Zen 3 core, d_state 1); :func:`block_width` weighs it against idle threads.
+STEP_COST_IN_LANES = 128
+#: Upper bound on ``width * d_state`` of one block: the per-task state buffers (and in the
+#: backward pass the chunk's states and decays) must stay in L1/L2.
+MAX_BLOCK_STATE = 512
 #: Steps between the states the backward pass keeps; a chunk's states and decays stay in L1/L2.
 CHECKPOINT = 16
 
 # Reassociation lets LLVM vectorise the lane reductions of the backward pass; no ``nnan``/``ninf``
 # because the scan must keep IEEE semantics for large but finite values.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+#: numba's default ("python") error model guards every float division with a zero test that raises
+#: ZeroDivisionError; that branch keeps LLVM from vectorising any loop with a division in it (the
+#: softplus and sigmoid). The numpy model gives IEEE results (inf/nan) instead, as torch does.
+_JIT = {"fastmath": _FASTMATH, "cache": True, "error_model": "numpy"}
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
@@ -55,7 +65,7 @@ _EXP_MAX = np.float32(88.0)
 _EXP_BIAS = np.int32(128)  # keeps x * log2(e) + bias positive so truncation rounds
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+@nb.njit(inline="always", **_JIT)
 def _exp(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     """float32 ``exp`` that LLVM can vectorise (Cody-Waite reduction + degree-6 Taylor).
 
@@ -80,38 +90,48 @@ def _exp(x: np.float32) -> np.float32:  # pragma: no cover - compiled
 _SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch.nn.functional.softplus's default: linear above it
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+#: ``q(e)`` with ``log1p(e) = e + e^2 q(e)`` on ``[0, 1]``, highest power first: a degree-7
+#: Chebyshev fit of ``(log1p(e) / e - 1) / e`` (from a float64 fit; float32 error below the exp's).
+_LOG1P_Q: tuple[np.float32, ...] = tuple(
+    np.float32(c)
+    for c in (
+        0.007363724056631327, -0.03774333745241165, 0.0910765752196312, -0.14697664976119995,
+        0.19561563432216644, -0.2494998425245285, 0.3333110213279724, -0.4999998211860657,
+    )
+)  # fmt: skip
+_Q7, _Q6, _Q5, _Q4, _Q3, _Q2, _Q1, _Q0 = _LOG1P_Q
+
+
+@nb.njit(inline="always", **_JIT)
 def _softplus_and_slope(x: np.float32) -> tuple[np.float32, np.float32]:  # pragma: no cover - compiled
     """``softplus(x) = log(1 + exp(x))`` (threshold 20, as torch) and its slope ``sigmoid(x)``.
 
-    Both come from one ``e = exp(-|x|)`` in ``(0, 1]``: ``log1p(e)`` is ``2 atanh(s)`` with
-    ``s = e / (2 + e) <= 1/3``, whose odd series to ``s^15`` is exact to ~1e-9 relative -- unlike
-    libm's ``log1p``, it vectorises; ``sigmoid`` is ``1 / (1 + e)`` or ``e / (1 + e)`` by the sign,
-    free of overflow and cancellation. NaN propagates (the threshold comparison is false for it).
-    Callers that use one result only pay for it: the other is dead code after inlining.
+    Both come from one ``e = exp(-|x|)`` in ``(0, 1]``: ``softplus = max(x, 0) + log1p(e)`` with
+    ``log1p(e)`` a polynomial in ``e`` (:data:`_LOG1P_Q`) -- unlike libm's ``log1p`` it vectorises,
+    and unlike a series in ``e / (2 + e)`` it needs no division, which the forward pass would pay
+    at every step. ``sigmoid`` is ``1 / (1 + e)`` or ``e / (1 + e)`` by the sign, free of overflow
+    and cancellation. NaN propagates (the threshold comparison is false for it). Callers that use
+    one result only pay for it: the other is dead code after inlining.
     """
     e = _exp(-abs(x))
-    s = e / (np.float32(2.0) + e)
-    s2 = s * s
-    p = np.float32(1.0 / 15.0)
-    p = p * s2 + np.float32(1.0 / 13.0)
-    p = p * s2 + np.float32(1.0 / 11.0)
-    p = p * s2 + np.float32(1.0 / 9.0)
-    p = p * s2 + np.float32(1.0 / 7.0)
-    p = p * s2 + np.float32(1.0 / 5.0)
-    p = p * s2 + np.float32(1.0 / 3.0)
-    p = p * s2 + np.float32(1.0)
-    r = max(x, np.float32(0.0)) + np.float32(2.0) * s * p
+    q = _Q7 * e + _Q6
+    q = q * e + _Q5
+    q = q * e + _Q4
+    q = q * e + _Q3
+    q = q * e + _Q2
+    q = q * e + _Q1
+    q = q * e + _Q0
+    r = max(x, np.float32(0.0)) + (e + e * (e * q))
     slope = (np.float32(1.0) if x >= np.float32(0.0) else e) / (np.float32(1.0) + e)
     return (r if x <= _SOFTPLUS_THRESHOLD else x), slope
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+@nb.njit(inline="always", **_JIT)
 def _softplus(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     return _softplus_and_slope(x)[0]
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+@nb.njit(inline="always", **_JIT)
 def _sigmoid(x: np.float32) -> np.float32:  # pragma: no cover - compiled
     return _softplus_and_slope(x)[1]
 
@@ -120,7 +140,7 @@ def _sigmoid(x: np.float32) -> np.float32:  # pragma: no cover - compiled
 ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "softplus", "sigmoid")
 
 
-@nb.njit(fastmath=_FASTMATH, cache=True)
+@nb.njit(**_JIT)
 def _elementwise(x, op):  # pragma: no cover - compiled
     out = np.empty_like(x)
     for i in range(x.size):
@@ -142,18 +162,19 @@ def elementwise_float32(x: np.ndarray, name: str) -> np.ndarray:
     return _elementwise(x, ELEMENTWISE_OPS.index(name))
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(inline="always", cache=True, error_model="numpy")
 def _load_group(A, D, delta_bias, g, d0, a, skip, bias):  # pragma: no cover - compiled
     """Copy group ``g``'s ``A`` (N, LANES), ``D`` and ``delta_bias`` (LANES,) for channels ``d0 : d0 + LANES``."""
+    lanes = a.shape[1]
     for n in range(a.shape[0]):
-        for j in range(LANES):
+        for j in range(lanes):
             a[n, j] = A[g, n, d0 + j]
-    for j in range(LANES):
+    for j in range(lanes):
         skip[j] = D[g, d0 + j]
         bias[j] = delta_bias[g, d0 + j]
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
+@nb.njit(inline="always", **_JIT)
 def _step_size(raw: np.float32, bias: np.float32, delta_softplus: bool) -> np.float32:  # pragma: no cover
     """``softplus(raw + bias)``, or ``raw + bias`` without softplus (a select, so the loop stays vectorised)."""
     v = raw + bias
@@ -161,44 +182,34 @@ def _step_size(raw: np.float32, bias: np.float32, delta_softplus: bool) -> np.fl
     return sp if delta_softplus else v
 
 
-@nb.njit(inline="always", fastmath=_FASTMATH, cache=True)
-def _load_step(u, delta, bias, delta_softplus, b, p, ui, g, d0, dtv, drive):  # pragma: no cover - compiled
-    """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for ``LANES`` channels."""
-    for j in range(LANES):
-        dtv[j] = _step_size(delta[g, b, p, d0 + j], bias[j], delta_softplus)
-        drive[j] = dtv[j] * u[b, p, ui, d0 + j]
+@nb.njit(inline="always", **_JIT)
+def _load_step(u_row, delta_row, bias, delta_softplus, dtv, drive):  # pragma: no cover - compiled
+    """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for one block of ``LANES`` channels."""
+    for j in range(dtv.shape[0]):
+        dtv[j] = _step_size(delta_row[j], bias[j], delta_softplus)
+        drive[j] = dtv[j] * u_row[j]
 
 
-@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_forward(
+@nb.njit(parallel=True, **_JIT)
+def _scan_forward(
     u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of, y, last_state
 ):  # pragma: no cover - compiled
-    """Forward scan of every order; adds into ``y`` (the caller zeroes it).
-
-    Args:
-        u, delta, A, B, C, D, delta_bias: see the module docstring.
-        delta_softplus: step size ``softplus(delta + delta_bias)`` instead of ``delta + delta_bias``.
-        positions: ``(S, L)`` int64, the position visited at each step of order ``s``.
-        segment: ``(S,)`` int64, the state restarts from zero every ``segment[s]`` steps.
-        group_of, u_of, y_of: ``(S,)`` int64, parameter group / input slot / output slot of ``s``.
-        y: ``(batch, L, Y, Dg)`` float32, accumulated.
-        last_state: ``(batch, S, Dg, N)`` float32, the state after each order's last step.
-    """
+    """:func:`scan_forward` on the channel-blocked views (last axis split into ``(blocks, LANES)``)."""
     batch, length = u.shape[0], u.shape[1]
-    dg = u.shape[3]
+    blocks, lanes = u.shape[3], u.shape[4]
     n_state = A.shape[1]
     orders = positions.shape[0]
-    blocks = dg // LANES
     for task in nb.prange(batch * blocks):
         b = task // blocks
-        d0 = (task % blocks) * LANES
-        a = np.zeros((n_state, LANES), np.float32)
-        h = np.zeros((n_state, LANES), np.float32)
-        skip = np.zeros(LANES, np.float32)
-        bias = np.zeros(LANES, np.float32)
-        dtv = np.zeros(LANES, np.float32)
-        drive = np.zeros(LANES, np.float32)
-        acc = np.zeros(LANES, np.float32)
+        blk = task % blocks
+        d0 = blk * lanes
+        a = np.zeros((n_state, lanes), np.float32)
+        h = np.zeros((n_state, lanes), np.float32)
+        skip = np.zeros(lanes, np.float32)
+        bias = np.zeros(lanes, np.float32)
+        dtv = np.zeros(lanes, np.float32)
+        drive = np.zeros(lanes, np.float32)
+        acc = np.zeros(lanes, np.float32)
         for s in range(orders):
             g = group_of[s]
             ui = u_of[s]
@@ -213,27 +224,78 @@ def scan_forward(
                 if count == seg:
                     count = 0
                 p = positions[s, t]
-                for j in range(LANES):
-                    uv = u[b, p, ui, d0 + j]
-                    dtv[j] = _step_size(delta[g, b, p, d0 + j], bias[j], delta_softplus)
-                    drive[j] = dtv[j] * uv
-                    acc[j] = skip[j] * uv
+                u_row = u[b, p, ui, blk]
+                _load_step(u_row, delta[g, b, p, blk], bias, delta_softplus, dtv, drive)
+                for j in range(lanes):
+                    acc[j] = skip[j] * u_row[j]
                 for n in range(n_state):
                     bn = B[b, p, g, n]
                     cn = C[b, p, g, n]
-                    for j in range(LANES):
+                    for j in range(lanes):
                         hv = _exp(dtv[j] * a[n, j]) * h[n, j] + drive[j] * bn
                         h[n, j] = hv
                         acc[j] += cn * hv
-                for j in range(LANES):
-                    y[b, p, yi, d0 + j] += acc[j]
+                y_row = y[b, p, yi, blk]
+                for j in range(lanes):
+                    y_row[j] += acc[j]
             for n in range(n_state):
-                for j in range(LANES):
+                for j in range(lanes):
                     last_state[b, s, d0 + j, n] = h[n, j]
 
 
-@nb.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_backward(
+def block_width(batch: int, dg: int, n_state: int, threads: int) -> int:
+    """Channels per task: the multiple of :data:`LANES` dividing ``dg`` with the least estimated time.
+
+    Time is ``rounds * (STEP_COST_IN_LANES + width)``, where ``rounds`` is the number of tasks per
+    thread (rounded up): wide blocks amortise the fixed step cost, narrow ones keep every thread
+    busy. With batch 1 this makes one task per thread; with a training batch, the widest block.
+    """
+    if dg % LANES:
+        raise ValueError(f"the CPU kernel needs a multiple of {LANES} channels per group, got {dg}.")
+    best, best_time = LANES, None
+    for width in range(LANES, dg + 1, LANES):
+        if dg % width or (width > LANES and width * n_state > MAX_BLOCK_STATE):
+            continue
+        rounds = -(-(batch * (dg // width)) // max(1, threads))
+        time = rounds * (STEP_COST_IN_LANES + width)
+        if best_time is None or time <= best_time:
+            best, best_time = width, time
+    return best
+
+
+def _by_block(x: np.ndarray, width: int) -> np.ndarray:
+    """View of a C-contiguous array with its last axis split into ``(blocks, width)``.
+
+    The kernels index one block of one position as a whole row, so the inner loops see a unit-stride
+    row with a non-negative index: with ``x[..., d0 + j]`` LLVM had to keep numba's negative-index
+    wrap-around and aliasing checks in every step, which cost more than the arithmetic.
+    """
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // width, width))
+
+
+def scan_forward(
+    u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of, y, last_state
+) -> None:
+    """Forward scan of every order; adds into ``y`` (the caller zeroes it).
+
+    Args:
+        u, delta, A, B, C, D, delta_bias: see the module docstring (C-contiguous float32 arrays).
+        delta_softplus: step size ``softplus(delta + delta_bias)`` instead of ``delta + delta_bias``.
+        positions: ``(S, L)`` int64, the position visited at each step of order ``s``.
+        segment: ``(S,)`` int64, the state restarts from zero every ``segment[s]`` steps.
+        group_of, u_of, y_of: ``(S,)`` int64, parameter group / input slot / output slot of ``s``.
+        y: ``(batch, L, Y, Dg)`` float32, accumulated.
+        last_state: ``(batch, S, Dg, N)`` float32, the state after each order's last step.
+    """
+    width = block_width(u.shape[0], u.shape[3], A.shape[1], nb.get_num_threads())
+    _scan_forward(
+        _by_block(u, width), _by_block(delta, width), A, B, C, D, delta_bias, delta_softplus,
+        positions, segment, group_of, u_of, y_of, _by_block(y, width), last_state,
+    )  # fmt: skip
+
+
+@nb.njit(parallel=True, **_JIT)
+def _scan_backward(
     u,
     delta,
     A,
@@ -256,48 +318,34 @@ def scan_backward(
     grad_C_part,
     grad_D_part,
 ):  # pragma: no cover - compiled
-    """Backward scan: per chunk of ``CHECKPOINT`` steps, recompute the states, then sweep back.
-
-    Args:
-        u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of:
-            as :func:`scan_forward`.
-        grad_y: ``(batch, L, Y, Dg)``; grad_last: ``(batch, S, Dg, N)``.
-        grad_u: ``(batch, L, U, Dg)``; grad_delta: ``(G, batch, L, Dg)``, the gradient of the raw
-            ``delta`` (through the softplus); both accumulated.
-        grad_A_part: ``(batch, G, N, Dg)``; grad_D_part: ``(batch, G, Dg)``; accumulated, summed
-            over batch by the caller.
-        grad_B_part, grad_C_part: ``(batch, blocks, L, G, N)``; accumulated, summed over channel
-            blocks by the caller (blocks of one group share ``B`` and ``C``).
-        All outputs must be zeroed by the caller.
-    """
+    """:func:`scan_backward` on the channel-blocked views (see :func:`_by_block`)."""
     batch, length = u.shape[0], u.shape[1]
-    dg = u.shape[3]
+    blocks, lanes = u.shape[3], u.shape[4]
     n_state = A.shape[1]
     orders = positions.shape[0]
-    blocks = dg // LANES
     n_chunks = (length + CHECKPOINT - 1) // CHECKPOINT
     for task in nb.prange(batch * blocks):
         b = task // blocks
         blk = task % blocks
-        d0 = blk * LANES
-        a = np.zeros((n_state, LANES), np.float32)
-        h = np.zeros((n_state, LANES), np.float32)
-        gh = np.zeros((n_state, LANES), np.float32)
-        g_a = np.zeros((n_state, LANES), np.float32)
-        checkpoints = np.zeros((n_chunks, n_state, LANES), np.float32)
-        states = np.zeros((CHECKPOINT, n_state, LANES), np.float32)
-        decays = np.zeros((CHECKPOINT, n_state, LANES), np.float32)
-        zero = np.zeros((n_state, LANES), np.float32)
-        skip = np.zeros(LANES, np.float32)
-        bias = np.zeros(LANES, np.float32)
-        dtv = np.zeros(LANES, np.float32)
-        slope = np.zeros(LANES, np.float32)
-        uv = np.zeros(LANES, np.float32)
-        gyv = np.zeros(LANES, np.float32)
-        drive = np.zeros(LANES, np.float32)
-        g_u = np.zeros(LANES, np.float32)
-        g_dt = np.zeros(LANES, np.float32)
-        g_d = np.zeros(LANES, np.float32)
+        d0 = blk * lanes
+        a = np.zeros((n_state, lanes), np.float32)
+        h = np.zeros((n_state, lanes), np.float32)
+        gh = np.zeros((n_state, lanes), np.float32)
+        g_a = np.zeros((n_state, lanes), np.float32)
+        checkpoints = np.zeros((n_chunks, n_state, lanes), np.float32)
+        states = np.zeros((CHECKPOINT, n_state, lanes), np.float32)
+        decays = np.zeros((CHECKPOINT, n_state, lanes), np.float32)
+        zero = np.zeros((n_state, lanes), np.float32)
+        skip = np.zeros(lanes, np.float32)
+        bias = np.zeros(lanes, np.float32)
+        dtv = np.zeros(lanes, np.float32)
+        slope = np.zeros(lanes, np.float32)
+        uv = np.zeros(lanes, np.float32)
+        gyv = np.zeros(lanes, np.float32)
+        drive = np.zeros(lanes, np.float32)
+        g_u = np.zeros(lanes, np.float32)
+        g_dt = np.zeros(lanes, np.float32)
+        g_d = np.zeros(lanes, np.float32)
         for s in range(orders):
             g = group_of[s]
             ui = u_of[s]
@@ -314,14 +362,14 @@ def scan_backward(
                 if t % seg == 0:
                     h[:] = 0.0
                 p = positions[s, t]
-                _load_step(u, delta, bias, delta_softplus, b, p, ui, g, d0, dtv, drive)
+                _load_step(u[b, p, ui, blk], delta[g, b, p, blk], bias, delta_softplus, dtv, drive)
                 for n in range(n_state):
                     bn = B[b, p, g, n]
-                    for j in range(LANES):
+                    for j in range(lanes):
                         h[n, j] = _exp(dtv[j] * a[n, j]) * h[n, j] + drive[j] * bn
             # pass 2: chunks from last to first
             for n in range(n_state):
-                for j in range(LANES):
+                for j in range(lanes):
                     gh[n, j] = grad_last[b, s, d0 + j, n]
             for c in range(n_chunks - 1, -1, -1):
                 t0 = c * CHECKPOINT
@@ -331,11 +379,11 @@ def scan_backward(
                     if t % seg == 0:
                         h[:] = 0.0
                     p = positions[s, t]
-                    _load_step(u, delta, bias, delta_softplus, b, p, ui, g, d0, dtv, drive)
+                    _load_step(u[b, p, ui, blk], delta[g, b, p, blk], bias, delta_softplus, dtv, drive)
                     i = t - t0
                     for n in range(n_state):
                         bn = B[b, p, g, n]
-                        for j in range(LANES):
+                        for j in range(lanes):
                             e = _exp(dtv[j] * a[n, j])
                             hv = e * h[n, j] + drive[j] * bn
                             h[n, j] = hv
@@ -344,13 +392,16 @@ def scan_backward(
                 for t in range(t1 - 1, t0 - 1, -1):
                     p = positions[s, t]
                     i = t - t0
-                    for j in range(LANES):
-                        v = delta[g, b, p, d0 + j] + bias[j]
+                    u_row = u[b, p, ui, blk]
+                    delta_row = delta[g, b, p, blk]
+                    gy_row = grad_y[b, p, yi, blk]
+                    for j in range(lanes):
+                        v = delta_row[j] + bias[j]
                         sp, sig = _softplus_and_slope(v)
                         dtv[j] = sp if delta_softplus else v
                         slope[j] = sig if delta_softplus else np.float32(1.0)
-                        uv[j] = u[b, p, ui, d0 + j]
-                        gyv[j] = grad_y[b, p, yi, d0 + j]
+                        uv[j] = u_row[j]
+                        gyv[j] = gy_row[j]
                         g_u[j] = skip[j] * gyv[j]
                         g_dt[j] = 0.0
                         g_d[j] += gyv[j] * uv[j]
@@ -366,7 +417,7 @@ def scan_backward(
                         cn = C[b, p, g, n]
                         acc_c = np.float32(0.0)
                         acc_b = np.float32(0.0)
-                        for j in range(LANES):
+                        for j in range(lanes):
                             acc_c += gyv[j] * states[i, n, j]
                             ghv = gh[n, j] + cn * gyv[j]
                             e = decays[i, n, j]
@@ -380,18 +431,46 @@ def scan_backward(
                         grad_B_part[b, blk, p, g, n] += acc_b
                     if restart:
                         gh[:] = 0.0
-                    for j in range(LANES):
-                        grad_u[b, p, ui, d0 + j] += g_u[j]
-                        grad_delta[g, b, p, d0 + j] += g_dt[j] * slope[j]
+                    gu_row = grad_u[b, p, ui, blk]
+                    gdelta_row = grad_delta[g, b, p, blk]
+                    for j in range(lanes):
+                        gu_row[j] += g_u[j]
+                        gdelta_row[j] += g_dt[j] * slope[j]
             for n in range(n_state):
-                for j in range(LANES):
+                for j in range(lanes):
                     grad_A_part[b, g, n, d0 + j] += g_a[n, j]
-            for j in range(LANES):
+            for j in range(lanes):
                 grad_D_part[b, g, d0 + j] += g_d[j]
 
 
-def blocks_for(dg: int) -> int:
-    """Number of ``LANES``-wide channel blocks of ``dg`` channels (shape of the backward buffers)."""
-    if dg % LANES:
-        raise ValueError(f"the CPU kernel needs a multiple of {LANES} channels per group, got {dg}.")
-    return dg // LANES
+def scan_backward(
+    u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of,
+    grad_y, grad_last, grad_u, grad_delta, grad_A_part, grad_B_part, grad_C_part, grad_D_part,
+) -> None:  # fmt: skip
+    """Backward scan: per chunk of ``CHECKPOINT`` steps, recompute the states, then sweep back.
+
+    Args:
+        u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of:
+            as :func:`scan_forward`.
+        grad_y: ``(batch, L, Y, Dg)``; grad_last: ``(batch, S, Dg, N)``.
+        grad_u: ``(batch, L, U, Dg)``; grad_delta: ``(G, batch, L, Dg)``, the gradient of the raw
+            ``delta`` (through the softplus); both accumulated.
+        grad_A_part: ``(batch, G, N, Dg)``; grad_D_part: ``(batch, G, Dg)``; accumulated, summed
+            over batch by the caller.
+        grad_B_part, grad_C_part: ``(batch, blocks, L, G, N)`` with ``blocks`` from :func:`blocks_for`
+            (it sets the block width); accumulated, summed over channel
+            blocks by the caller (blocks of one group share ``B`` and ``C``).
+        All outputs must be zeroed by the caller.
+    """
+    width = u.shape[3] // grad_B_part.shape[1]
+    _scan_backward(
+        _by_block(u, width), _by_block(delta, width), A, B, C, D, delta_bias, delta_softplus,
+        positions, segment, group_of, u_of, y_of, _by_block(grad_y, width), grad_last,
+        _by_block(grad_u, width), _by_block(grad_delta, width),
+        grad_A_part, grad_B_part, grad_C_part, grad_D_part,
+    )  # fmt: skip
+
+
+def blocks_for(batch: int, dg: int, n_state: int) -> int:
+    """Number of channel blocks :func:`scan_backward` uses (the shape of its ``grad_B/C`` buffers)."""
+    return dg // block_width(batch, dg, n_state, nb.get_num_threads())

@@ -294,7 +294,7 @@ class _NumbaScan(torch.autograd.Function):
         if grad_last is None:
             grad_last = u.new_zeros(batch, len(orders.segment), dg, n_state)
         grad_y, grad_last = grad_y.float().contiguous(), grad_last.float().contiguous()
-        blocks = cpu_kernel.blocks_for(dg)
+        blocks = cpu_kernel.blocks_for(batch, dg, n_state)
         grad_u = torch.zeros_like(u)
         grad_delta = torch.zeros_like(delta)
         grad_A = u.new_zeros(batch, groups, n_state, dg)
@@ -349,7 +349,8 @@ def selective_scan_orders(
         delta_bias: ``(G, Dg)`` added to ``delta``, or ``None``.
         delta_softplus: step size ``softplus(delta + delta_bias)``; computed inside the kernel, so
             no biased / soft-plussed copy of ``delta`` is made.
-        check_finite: raise on NaN/Inf inputs (callers that checked already pass ``False``).
+        check_finite: raise on NaN/Inf inputs, or an output that overflowed (callers that checked
+            already pass ``False``).
 
     Returns:
         ``y`` ``(batch, L, Y, Dg)`` (float32) and the last states ``(batch, S, Dg, N)``.
@@ -375,7 +376,7 @@ def selective_scan_orders(
     if int(orders.u_of.max()) >= n_u or int(orders.group_of.max()) >= groups:
         raise ValueError("scan orders name an input slot or group the inputs do not have.")
     if check_finite:
-        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
+        _check_finite(A=A, D=D, delta_bias=delta_bias)  # small; the large inputs are checked via y
     from .cpu_kernel import LANES
 
     D = u.new_zeros(groups, dg) if D is None else D
@@ -385,6 +386,16 @@ def selective_scan_orders(
         # zero channels scan to zero and get zero gradients; autograd slices them off again
         u, delta, A, D, delta_bias = (F.pad(t, (0, pad)) for t in (u, delta, A, D, delta_bias))
     y, last = _NumbaScan.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
+    if check_finite and not bool(torch.isfinite(y.detach().sum())):
+        # A NaN or Inf in u, delta, B or C reaches y (the step size turns it into a non-finite
+        # state), so one pass over the output replaces four over the inputs; only now are the
+        # inputs tested one by one, to name the culprit.
+        _check_finite(u=u, delta=delta, B=B, C=C)
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(
+                "selective_scan: the scan overflowed float32 although its inputs are finite; the step sizes "
+                "or A are too large (check the learning rate, loss scale and input normalisation)."
+            )
     if pad:
         y, last = y[..., :dg], last[:, :, :dg]
     return y, last
