@@ -45,7 +45,7 @@ LANES = 32
 STEP_COST_IN_LANES = 128
 #: Upper bound on ``width * d_state`` of one block: the per-task state buffers (and in the
 #: backward pass the chunk's states and decays) must stay in L1/L2.
-MAX_BLOCK_STATE = 512
+MAX_BLOCK_STATE = 2048
 #: Steps between the states the backward pass keeps; a chunk's states and decays stay in L1/L2.
 CHECKPOINT = 16
 
