@@ -210,3 +210,27 @@ def test_overflow_inside_the_scan_raises() -> None:
     B = C = torch.ones(1, 16, 4, 1)
     with pytest.raises(ValueError, match="overflowed float32"):
         selective_scan_orders(u, delta, A, B, C, torch.ones(4, 32), cross_scan_orders(4, 4, (0,), False))
+
+
+@pytest.mark.parametrize("name", ["u", "delta", "A", "B", "C", "D", "delta_bias"])
+def test_every_non_finite_scan_input_is_named(name: str) -> None:
+    # selective_scan_orders checks its inputs through its output; each input must still be caught
+    from memmamba_plugins.ssm.selective_scan import selective_scan_orders
+    from memmamba_plugins.ssm.ss2d import cross_scan_orders
+
+    torch.manual_seed(0)
+    inputs = {
+        "u": torch.randn(1, 16, 1, 32),
+        "delta": torch.randn(4, 1, 16, 32),
+        "A": -torch.rand(4, 2, 32) - 0.1,
+        "B": torch.randn(1, 16, 4, 2),
+        "C": torch.randn(1, 16, 4, 2),
+        "D": torch.randn(4, 32),
+        "delta_bias": torch.randn(4, 32),
+    }
+    inputs[name].view(-1)[5] = float("nan")
+    bias = inputs.pop("delta_bias")
+    with pytest.raises(ValueError, match=f"'{name}' contains NaN or Inf"):
+        selective_scan_orders(
+            **inputs, orders=cross_scan_orders(4, 4, (0,), False), delta_bias=bias, delta_softplus=True
+        )

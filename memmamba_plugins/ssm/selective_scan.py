@@ -375,8 +375,6 @@ def selective_scan_orders(
         raise ValueError(f"scan orders cover {orders.positions.shape[1]} positions, the inputs {length}.")
     if int(orders.u_of.max()) >= n_u or int(orders.group_of.max()) >= groups:
         raise ValueError("scan orders name an input slot or group the inputs do not have.")
-    if check_finite:
-        _check_finite(A=A, D=D, delta_bias=delta_bias)  # small; the large inputs are checked via y
     from .cpu_kernel import LANES
 
     D = u.new_zeros(groups, dg) if D is None else D
@@ -387,10 +385,11 @@ def selective_scan_orders(
         u, delta, A, D, delta_bias = (F.pad(t, (0, pad)) for t in (u, delta, A, D, delta_bias))
     y, last = _NumbaScan.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
     if check_finite and not bool(torch.isfinite(y.detach().sum())):
-        # A NaN or Inf in u, delta, B or C reaches y (the step size turns it into a non-finite
-        # state), so one pass over the output replaces four over the inputs; only now are the
-        # inputs tested one by one, to name the culprit.
-        _check_finite(u=u, delta=delta, B=B, C=C)
+        # A NaN or Inf in any input reaches y (in the step size, the decay or the state), so one
+        # pass over the output replaces seven over the inputs; only now are the inputs tested one
+        # by one, to name the culprit. (A step size or A of -inf decays the state to exactly zero,
+        # the limit the scan defines, and is let through.)
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
         if not bool(torch.isfinite(y).all()):
             raise ValueError(
                 "selective_scan: the scan overflowed float32 although its inputs are finite; the step sizes "
