@@ -164,7 +164,7 @@ def elementwise_float32(x: np.ndarray, name: str) -> np.ndarray:
 
 @nb.njit(inline="always", cache=True, error_model="numpy")
 def _load_group(A, D, delta_bias, g, d0, a, skip, bias):  # pragma: no cover - compiled
-    """Copy group ``g``'s ``A`` (N, LANES), ``D`` and ``delta_bias`` (LANES,) for channels ``d0 : d0 + LANES``."""
+    """Copy group ``g``'s ``A`` (N, width), ``D`` and ``delta_bias`` (width,) for channels from ``d0`` on."""
     lanes = a.shape[1]
     for n in range(a.shape[0]):
         for j in range(lanes):
@@ -184,7 +184,7 @@ def _step_size(raw: np.float32, bias: np.float32, delta_softplus: bool) -> np.fl
 
 @nb.njit(inline="always", **_JIT)
 def _load_step(u_row, delta_row, bias, delta_softplus, dtv, drive):  # pragma: no cover - compiled
-    """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for one block of ``LANES`` channels."""
+    """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for one block of channels."""
     for j in range(dtv.shape[0]):
         dtv[j] = _step_size(delta_row[j], bias[j], delta_softplus)
         drive[j] = dtv[j] * u_row[j]
@@ -194,7 +194,7 @@ def _load_step(u_row, delta_row, bias, delta_softplus, dtv, drive):  # pragma: n
 def _scan_forward(
     u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of, y, last_state
 ):  # pragma: no cover - compiled
-    """:func:`scan_forward` on the channel-blocked views (last axis split into ``(blocks, LANES)``)."""
+    """:func:`scan_forward` on the channel-blocked views (last axis split into ``(blocks, width)``)."""
     batch, length = u.shape[0], u.shape[1]
     blocks, lanes = u.shape[3], u.shape[4]
     n_state = A.shape[1]
@@ -249,6 +249,15 @@ def block_width(batch: int, dg: int, n_state: int, threads: int) -> int:
     Time is ``rounds * (STEP_COST_IN_LANES + width)``, where ``rounds`` is the number of tasks per
     thread (rounded up): wide blocks amortise the fixed step cost, narrow ones keep every thread
     busy. With batch 1 this makes one task per thread; with a training batch, the widest block.
+
+    Args:
+        batch: batch size of the call.
+        dg: channels per parameter group (a multiple of :data:`LANES`).
+        n_state: state size ``N``; ``width * n_state`` stays within :data:`MAX_BLOCK_STATE`.
+        threads: threads the kernel runs on.
+
+    Raises:
+        ValueError: ``dg`` is not a multiple of :data:`LANES`.
     """
     if dg % LANES:
         raise ValueError(f"the CPU kernel needs a multiple of {LANES} channels per group, got {dg}.")
