@@ -112,13 +112,8 @@ def test_gradients_reach_every_parameter(levels) -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize(("levels", "size"), [((0,), (6, 10)), ((1,), (8, 8)), ((0, 1, 2), (8, 8))])
-def test_fused_cross_scan_matches_the_unfused_scans(levels, size) -> None:
-    # the numba path runs all directions and regions in one kernel call on the grid order; the torch
-    # path builds the flipped / transposed / split sequences -- forward and every gradient must agree
-    torch.manual_seed(1)
-    x = torch.randn(2, *size, 10, dtype=torch.float32)
-    fast, plain = make(levels, d_model=10, backend="numba"), make(levels, d_model=10, backend="torch")
+def assert_same_outputs_and_gradients(fast: SS2D, plain: SS2D, x: torch.Tensor) -> None:
+    """``plain`` takes ``fast``'s weights; outputs and every gradient must then agree."""
     plain.load_state_dict(fast.state_dict())
     x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_fast, y_plain = fast(x_fast), plain(x_plain)
@@ -129,6 +124,15 @@ def test_fused_cross_scan_matches_the_unfused_scans(levels, size) -> None:
     torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
     for (name, p_fast), p_plain in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("levels", "size"), [((0,), (6, 10)), ((1,), (8, 8)), ((0, 1, 2), (8, 8))])
+def test_fused_cross_scan_matches_the_unfused_scans(levels, size) -> None:
+    # the numba path runs all directions and regions in one kernel call on the grid order; the torch
+    # path builds the flipped / transposed / split sequences -- forward and every gradient must agree
+    torch.manual_seed(1)
+    fast, plain = make(levels, d_model=10, backend="numba"), make(levels, d_model=10, backend="torch")
+    assert_same_outputs_and_gradients(fast, plain, torch.randn(2, *size, 10, dtype=torch.float32))
     inner = torch.randn(1, *size, fast.d_inner)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -167,17 +171,7 @@ def test_kernel_block_widths_give_the_same_scan(width: int, monkeypatch) -> None
     monkeypatch.setattr(cpu_kernel, "block_width", lambda *args: width)
     torch.manual_seed(2)
     fast, plain = make((0, 1), d_model=64, backend="numba"), make((0, 1), d_model=64, backend="torch")
-    plain.load_state_dict(fast.state_dict())
-    x = torch.randn(1, 8, 8, 64)
-    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_fast, y_plain = fast(x_fast), plain(x_plain)
-    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
-    weight = torch.randn_like(y_fast)
-    (y_fast * weight).sum().backward()
-    (y_plain * weight).sum().backward()
-    torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
-    for (name, p_fast), p_plain in zip(fast.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_outputs_and_gradients(fast, plain, torch.randn(1, 8, 8, 64))
 
 
 def test_block_width_fills_the_threads_then_widens() -> None:
