@@ -387,8 +387,8 @@ def selective_scan_orders(
     if check_finite and not bool(torch.isfinite(y.detach().sum())):
         # A NaN or Inf in any input reaches y (in the step size, the decay or the state), so one
         # pass over the output replaces seven over the inputs; only now are the inputs tested one
-        # by one, to name the culprit. (A step size or A of -inf decays the state to exactly zero,
-        # the limit the scan defines, and is let through.)
+        # by one, to name the culprit. (A raw step size of -inf -- softplus 0, the step keeps the
+        # state -- and an A of -inf -- the state restarts -- are limits the scan defines; they pass.)
         _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
         if not bool(torch.isfinite(y).all()):
             raise ValueError(
