@@ -162,7 +162,7 @@ def elementwise_float32(x: np.ndarray, name: str) -> np.ndarray:
     return _elementwise(x, ELEMENTWISE_OPS.index(name))
 
 
-@nb.njit(inline="always", cache=True, error_model="numpy")
+@nb.njit(inline="always", **_JIT)
 def _load_group(A, D, delta_bias, g, d0, a, skip, bias):  # pragma: no cover - compiled
     """Copy group ``g``'s ``A`` (N, width), ``D`` and ``delta_bias`` (width,) for channels from ``d0`` on."""
     lanes = a.shape[1]
