@@ -226,6 +226,16 @@ class ScanOrders:
     y_of: np.ndarray
     n_outputs: int
 
+    @functools.cached_property
+    def max_u(self) -> int:
+        """Highest input slot an order reads (checked against the inputs once per call)."""
+        return int(self.u_of.max())
+
+    @functools.cached_property
+    def max_group(self) -> int:
+        """Highest parameter group an order uses."""
+        return int(self.group_of.max())
+
     @classmethod
     def sequential(cls, length: int, groups: int) -> ScanOrders:
         """Plain Mamba: group ``g`` scans its own input in sequence order into its own output."""
@@ -240,12 +250,43 @@ class ScanOrders:
         )
 
 
+def _numba_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    delta_bias: Tensor,
+    delta_softplus: bool,
+    orders: ScanOrders,
+) -> tuple[Tensor, Tensor, bool, tuple[Tensor, ...]]:
+    """The fused CPU forward kernel on torch tensors (layouts of :mod:`.cpu_kernel`).
+
+    Returns ``y`` ``(batch, L, Y, Dg)``, the last states ``(batch, S, Dg, N)``, whether every output
+    was finite, and the float32 contiguous inputs the backward pass needs.
+    """
+    from . import cpu_kernel
+
+    _set_numba_threads()
+    inputs = tuple(t.detach().float().contiguous() for t in (u, delta, A, B, C, D, delta_bias))
+    u = inputs[0]
+    batch, length, _, dg = u.shape
+    y = u.new_zeros(batch, length, orders.n_outputs, dg)
+    last = u.new_empty(batch, len(orders.segment), dg, inputs[2].shape[1])
+    finite = cpu_kernel.scan_forward(
+        *(t.numpy() for t in inputs), delta_softplus, orders.positions, orders.segment, orders.group_of,
+        orders.u_of, orders.y_of, y.numpy(), last.numpy(),
+    )  # fmt: skip
+    return y, last, finite, inputs
+
+
 class _NumbaScan(torch.autograd.Function):
     """Autograd wrapper of the fused CPU kernels (float32, layouts of :mod:`.cpu_kernel`).
 
     Inputs ``u`` ``(batch, L, U, Dg)``, raw ``delta`` ``(G, batch, L, Dg)``, ``A`` ``(G, N, Dg)``,
     ``B``, ``C`` ``(batch, L, G, N)``, ``D`` and ``delta_bias`` ``(G, Dg)``; returns ``y``
-    ``(batch, L, Y, Dg)`` and the last states ``(batch, S, Dg, N)``.
+    ``(batch, L, Y, Dg)``, the last states ``(batch, S, Dg, N)`` and whether ``y`` is finite.
     """
 
     @staticmethod
@@ -260,28 +301,15 @@ class _NumbaScan(torch.autograd.Function):
         delta_bias: Tensor,
         delta_softplus: bool,
         orders: ScanOrders,
-    ) -> tuple[Tensor, Tensor]:
-        from . import cpu_kernel
-
-        _set_numba_threads()
-        u, delta, A, B, C, D, delta_bias = (
-            t.detach().float().contiguous() for t in (u, delta, A, B, C, D, delta_bias)
-        )
-        batch, length, _, dg = u.shape
-        y = u.new_zeros(batch, length, orders.n_outputs, dg)
-        last = u.new_empty(batch, len(orders.segment), dg, A.shape[1])
-        cpu_kernel.scan_forward(
-            u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), D.numpy(), delta_bias.numpy(),
-            delta_softplus, orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of,
-            y.numpy(), last.numpy(),
-        )  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    ) -> tuple[Tensor, Tensor, bool]:
+        y, last, finite, inputs = _numba_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, orders)
+        ctx.save_for_backward(*inputs)
         ctx.orders = orders
         ctx.delta_softplus = delta_softplus
-        return y, last
+        return y, last, finite
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None):
+    def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None, _grad_finite: None = None):
         from . import cpu_kernel
 
         _set_numba_threads()
@@ -373,7 +401,7 @@ def selective_scan_orders(
             raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}.")
     if orders.positions.shape[1] != length:
         raise ValueError(f"scan orders cover {orders.positions.shape[1]} positions, the inputs {length}.")
-    if int(orders.u_of.max()) >= n_u or int(orders.group_of.max()) >= groups:
+    if orders.max_u >= n_u or orders.max_group >= groups:
         raise ValueError("scan orders name an input slot or group the inputs do not have.")
     from .cpu_kernel import LANES
 
@@ -383,11 +411,15 @@ def selective_scan_orders(
     if pad:
         # zero channels scan to zero and get zero gradients; autograd slices them off again
         u, delta, A, D, delta_bias = (F.pad(t, (0, pad)) for t in (u, delta, A, D, delta_bias))
-    y, last = _NumbaScan.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
-    if check_finite and not bool(torch.isfinite(y.detach().sum())):
-        # A NaN or Inf in any input reaches y (in the step size, the decay or the state), so one
-        # pass over the output replaces seven over the inputs; only now are the inputs tested one
-        # by one, to name the culprit. (A raw step size of -inf -- softplus 0, the step keeps the
+    args = (u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:7]):
+        y, last, finite = _NumbaScan.apply(*args)
+    else:  # inference: the same kernel without autograd's bookkeeping
+        y, last, finite, _ = _numba_forward(*args)
+    if check_finite and not finite:
+        # A NaN or Inf in any input reaches y (in the step size, the decay or the state), and the
+        # kernel sums what it writes, so this costs no pass at all; only now are the inputs tested
+        # one by one, to name the culprit. (A raw step size of -inf -- softplus 0, the step keeps the
         # state -- and an A of -inf -- the state restarts -- are limits the scan defines; they pass.)
         _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
         if not bool(torch.isfinite(y).all()):

@@ -302,7 +302,7 @@ class SS2D(nn.Module):
         check_region_size(x.shape[1], x.shape[2], self.pyramid_levels)
         if self._uses_fused_kernel(x):
             y = self._scan_fused(x, self.pyramid_levels, per_direction_output=False)[:, :, :, 0]
-            return y / len(self.pyramid_levels)
+            return y if len(self.pyramid_levels) == 1 else y / len(self.pyramid_levels)
         out = None
         for level in self.pyramid_levels:
             splits = 2**level
@@ -313,7 +313,7 @@ class SS2D(nn.Module):
             y = row + col + row_rev + col_rev
             y = merge_regions(y, splits) if splits > 1 else y
             out = y if out is None else out + y
-        return out / len(self.pyramid_levels)
+        return out if len(self.pyramid_levels) == 1 else out / len(self.pyramid_levels)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
