@@ -228,3 +228,76 @@ def test_every_non_finite_scan_input_is_named(name: str) -> None:
         selective_scan_orders(
             **inputs, orders=cross_scan_orders(4, 4, (0,), False), delta_bias=bias, delta_softplus=True
         )
+
+
+@pytest.mark.parametrize("d_state", [1, 4])
+@pytest.mark.parametrize("in_kernel_rank", [0, 16])
+def test_step_size_projection_in_or_out_of_the_kernel(d_state: int, in_kernel_rank: int, monkeypatch) -> None:
+    # ranks up to MAX_IN_KERNEL_DT_RANK are projected inside the kernel, larger ones by a batched
+    # matmul; d_state 1 takes the kernel's one-pass step. Each path must give the torch path's
+    # forward (with and without autograd) and gradients.
+    from memmamba_plugins.ssm import ss2d
+
+    monkeypatch.setattr(ss2d, "MAX_IN_KERNEL_DT_RANK", in_kernel_rank)
+    torch.manual_seed(3)
+    fast = SS2D(40, d_state=d_state, pyramid_levels=(0, 1), gated=False, backend="numba")
+    plain = SS2D(40, d_state=d_state, pyramid_levels=(0, 1), gated=False, backend="torch")
+    assert fast.dt_rank == 3
+    x = torch.randn(2, 8, 8, 40)
+    assert_same_outputs_and_gradients(fast, plain, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_state", [1, 3])
+def test_low_rank_step_sizes_equal_the_full_tensor(n_state: int) -> None:
+    # delta_weight: the kernel forms delta[g, b, l] = low[b, l, g] @ weight[g] itself; the result and
+    # every gradient (the low-rank factors' included) must equal passing the full tensor. 40
+    # channels per group also exercises the padding to the kernel's lane multiple.
+    from memmamba_plugins.ssm.selective_scan import selective_scan_orders
+    from memmamba_plugins.ssm.ss2d import cross_scan_orders
+
+    torch.manual_seed(4)
+    groups, batch, length, dg, rank = 4, 2, 16, 40, 5
+    leaves = {
+        "u": torch.randn(batch, length, 1, dg),
+        "low": torch.randn(batch, length, groups, rank),
+        "weight": torch.randn(groups, rank, dg) * 0.3,
+        "A": -torch.rand(groups, n_state, dg) - 0.1,
+        "B": torch.randn(batch, length, groups, n_state),
+        "C": torch.randn(batch, length, groups, n_state),
+        "D": torch.randn(groups, dg),
+        "bias": torch.randn(groups, dg),
+    }
+    orders = cross_scan_orders(4, 4, (0, 1), False)
+
+    def run(low_rank: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        if low_rank:
+            delta, weight = t["low"], t["weight"]
+        else:
+            delta, weight = torch.einsum("blgr,grd->gbld", t["low"], t["weight"]), None
+        y, last = selective_scan_orders(
+            t["u"], delta, t["A"], t["B"], t["C"], t["D"], orders,
+            delta_bias=t["bias"], delta_softplus=True, delta_weight=weight,
+        )  # fmt: skip
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().add(last.square().sum()).backward()
+        return y.detach(), {k: v.grad for k, v in t.items()}
+
+    y_low, grads_low = run(True)
+    y_full, grads_full = run(False)
+    torch.testing.assert_close(y_low, y_full, rtol=1e-5, atol=1e-5)
+    for name in leaves:
+        torch.testing.assert_close(grads_low[name], grads_full[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_low_rank_weight_of_the_wrong_shape_raises() -> None:
+    from memmamba_plugins.ssm.selective_scan import selective_scan_orders
+    from memmamba_plugins.ssm.ss2d import cross_scan_orders
+
+    with pytest.raises(ValueError, match="delta_weight must be"):
+        selective_scan_orders(
+            torch.randn(1, 16, 1, 32), torch.randn(1, 16, 4, 3), -torch.rand(4, 1, 32),
+            torch.randn(1, 16, 4, 1), torch.randn(1, 16, 4, 1), None, cross_scan_orders(4, 4, (0,), False),
+            delta_weight=torch.randn(4, 32, 3),
+        )  # fmt: skip

@@ -11,7 +11,9 @@ Layout (channel-last, ``Dg`` channels per parameter group):
 * ``u``     ``(batch, L, U, Dg)``  -- ``U`` is 1 when every scan order reads the same input (SS2D);
 * ``delta`` ``(G, batch, L, Dg)``  -- raw step sizes (group-major: the layout a batched matmul of
   the step-size projection produces); the kernels add ``delta_bias`` ``(G, Dg)`` and apply
-  softplus on the fly, so the biased / soft-plussed copy of this largest input is never stored;
+  softplus on the fly, so the biased / soft-plussed copy of this largest input is never stored.
+  The forward kernel can instead take the step sizes in low-rank form, ``dt_low`` ``(batch, L, G, R)``
+  and ``dt_weight`` ``(G, R, Dg)`` (Mamba's step-size projection), and form each step's row itself;
 * ``A``     ``(G, N, Dg)``; ``B``, ``C`` ``(batch, L, G, N)``; ``D`` ``(G, Dg)``;
 * ``y``     ``(batch, L, Y, Dg)``  -- ``Y`` is 1 when the orders' outputs are summed (SS2D).
 
@@ -203,10 +205,26 @@ def _single_state_step(u_row, delta_row, y_row, bias, skip, a, h, b, c, delta_so
     return total
 
 
+@nb.njit(inline="always", **_JIT)
+def _low_rank_row(low, weight, blk, row):  # pragma: no cover - compiled
+    """``row = low @ weight[:, blk]``: one position's raw step sizes for one block, ``R`` FMAs per channel."""
+    w0 = weight[0, blk]
+    x0 = low[0]
+    for j in range(row.shape[0]):
+        row[j] = x0 * w0[j]
+    for r in range(1, low.shape[0]):
+        wr = weight[r, blk]
+        xr = low[r]
+        for j in range(row.shape[0]):
+            row[j] += xr * wr[j]
+
+
 @nb.njit(parallel=True, **_JIT)
 def _scan_forward(
     u,
     delta,
+    dt_low,
+    dt_weight,
     A,
     B,
     C,
@@ -227,6 +245,7 @@ def _scan_forward(
     blocks, lanes = u.shape[3], u.shape[4]
     n_state = A.shape[1]
     orders = positions.shape[0]
+    low_rank = dt_weight.shape[1] > 0
     for task in nb.prange(batch * blocks):
         b = task // blocks
         blk = task % blocks
@@ -238,6 +257,7 @@ def _scan_forward(
         dtv = np.zeros(lanes, np.float32)
         drive = np.zeros(lanes, np.float32)
         acc = np.zeros(lanes, np.float32)
+        raw = np.zeros(lanes, np.float32)
         total = np.float32(0.0)
         for s in range(orders):
             g = group_of[s]
@@ -255,7 +275,11 @@ def _scan_forward(
                     count = 0
                 p = positions[s, t]
                 u_row = u[b, p, ui, blk]
-                delta_row = delta[g, b, p, blk]
+                if low_rank:
+                    _low_rank_row(dt_low[b, p, g], dt_weight[g], blk, raw)
+                    delta_row = raw
+                else:
+                    delta_row = delta[g, b, p, blk]
                 y_row = y[b, p, yi, blk]
                 if n_state == 1:
                     # VMamba's d_state=1 models: the whole step in one pass over the channels,
@@ -327,7 +351,22 @@ def _by_block(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def scan_forward(
-    u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of, y, last_state
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    delta_bias,
+    delta_softplus,
+    positions,
+    segment,
+    group_of,
+    u_of,
+    y_of,
+    y,
+    last_state,
+    delta_weight=None,
 ) -> bool:
     """Forward scan of every order; adds into ``y`` (the caller zeroes it).
 
@@ -339,6 +378,8 @@ def scan_forward(
         group_of, u_of, y_of: ``(S,)`` int64, parameter group / input slot / output slot of ``s``.
         y: ``(batch, L, Y, Dg)`` float32, accumulated.
         last_state: ``(batch, S, Dg, N)`` float32, the state after each order's last step.
+        delta_weight: ``(G, R, Dg)``, or ``None``. When given, ``delta`` is ``(batch, L, G, R)`` and
+            the raw step sizes are ``delta[b, l, g] @ delta_weight[g]``, formed step by step.
 
     Returns:
         Whether every output the scan added was finite. Each task sums what it adds as it goes (a
@@ -346,11 +387,21 @@ def scan_forward(
     """
     width = block_width(u.shape[0], u.shape[3], A.shape[1], nb.get_num_threads())
     totals = np.empty(u.shape[0] * (u.shape[3] // width), np.float32)
+    if delta_weight is None:
+        delta, dt_low, dt_weight = _by_block(delta, width), _NO_LOW_RANK, _NO_LOW_RANK
+    else:
+        delta, dt_low, dt_weight = _NO_DELTA, delta, _by_block(delta_weight, width)
     _scan_forward(
-        _by_block(u, width), _by_block(delta, width), A, B, C, D, delta_bias, delta_softplus,
+        _by_block(u, width), delta, dt_low, dt_weight, A, B, C, D, delta_bias, delta_softplus,
         positions, segment, group_of, u_of, y_of, _by_block(y, width), last_state, totals,
     )  # fmt: skip
     return bool(np.isfinite(totals.sum(dtype=np.float64)))
+
+
+#: Stand-ins for the step-size inputs of the form a call does not use (the kernel is compiled once
+#: for both forms; ``R = 0`` selects the full ``delta``).
+_NO_DELTA = np.zeros((0, 0, 0, 0, 0), np.float32)
+_NO_LOW_RANK = np.zeros((0, 0, 0, 0), np.float32)
 
 
 @nb.njit(parallel=True, **_JIT)

@@ -260,23 +260,27 @@ def _numba_forward(
     delta_bias: Tensor,
     delta_softplus: bool,
     orders: ScanOrders,
+    delta_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, bool, tuple[Tensor, ...]]:
     """The fused CPU forward kernel on torch tensors (layouts of :mod:`.cpu_kernel`).
 
     Returns ``y`` ``(batch, L, Y, Dg)``, the last states ``(batch, S, Dg, N)``, whether every output
-    was finite, and the float32 contiguous inputs the backward pass needs.
+    was finite, and the float32 contiguous inputs the backward pass needs (``delta_weight`` last,
+    when given).
     """
     from . import cpu_kernel
 
     _set_numba_threads()
-    inputs = tuple(t.detach().float().contiguous() for t in (u, delta, A, B, C, D, delta_bias))
+    tensors = (u, delta, A, B, C, D, delta_bias) + (() if delta_weight is None else (delta_weight,))
+    inputs = tuple(t.detach().float().contiguous() for t in tensors)
     u = inputs[0]
     batch, length, _, dg = u.shape
     y = u.new_zeros(batch, length, orders.n_outputs, dg)
     last = u.new_empty(batch, len(orders.segment), dg, inputs[2].shape[1])
     finite = cpu_kernel.scan_forward(
-        *(t.numpy() for t in inputs), delta_softplus, orders.positions, orders.segment, orders.group_of,
+        *(t.numpy() for t in inputs[:7]), delta_softplus, orders.positions, orders.segment, orders.group_of,
         orders.u_of, orders.y_of, y.numpy(), last.numpy(),
+        delta_weight=None if delta_weight is None else inputs[7].numpy(),
     )  # fmt: skip
     return y, last, finite, inputs
 
@@ -284,9 +288,10 @@ def _numba_forward(
 class _NumbaScan(torch.autograd.Function):
     """Autograd wrapper of the fused CPU kernels (float32, layouts of :mod:`.cpu_kernel`).
 
-    Inputs ``u`` ``(batch, L, U, Dg)``, raw ``delta`` ``(G, batch, L, Dg)``, ``A`` ``(G, N, Dg)``,
-    ``B``, ``C`` ``(batch, L, G, N)``, ``D`` and ``delta_bias`` ``(G, Dg)``; returns ``y``
-    ``(batch, L, Y, Dg)``, the last states ``(batch, S, Dg, N)`` and whether ``y`` is finite.
+    Inputs ``u`` ``(batch, L, U, Dg)``, raw ``delta`` ``(G, batch, L, Dg)`` -- or its low-rank form
+    ``(batch, L, G, R)`` with ``delta_weight`` ``(G, R, Dg)`` -- ``A`` ``(G, N, Dg)``, ``B``, ``C``
+    ``(batch, L, G, N)``, ``D`` and ``delta_bias`` ``(G, Dg)``; returns ``y`` ``(batch, L, Y, Dg)``,
+    the last states ``(batch, S, Dg, N)`` and whether ``y`` is finite.
     """
 
     @staticmethod
@@ -301,8 +306,11 @@ class _NumbaScan(torch.autograd.Function):
         delta_bias: Tensor,
         delta_softplus: bool,
         orders: ScanOrders,
+        delta_weight: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, bool]:
-        y, last, finite, inputs = _numba_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, orders)
+        y, last, finite, inputs = _numba_forward(
+            u, delta, A, B, C, D, delta_bias, delta_softplus, orders, delta_weight
+        )
         ctx.save_for_backward(*inputs)
         ctx.orders = orders
         ctx.delta_softplus = delta_softplus
@@ -313,7 +321,12 @@ class _NumbaScan(torch.autograd.Function):
         from . import cpu_kernel
 
         _set_numba_threads()
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, delta_bias, *low_rank = ctx.saved_tensors
+        if low_rank:
+            # training: the backward kernel reads the full step sizes, so they are formed here
+            # (the memory the inference forward avoids), and the projection's gradients follow
+            delta_low, weight = delta, low_rank[0]
+            delta = torch.einsum("blgr,grd->gbld", delta_low, weight).contiguous()
         orders: ScanOrders = ctx.orders
         batch, length, _, dg = u.shape
         groups, n_state = A.shape[0], A.shape[1]
@@ -336,6 +349,10 @@ class _NumbaScan(torch.autograd.Function):
             grad_u.numpy(), grad_delta.numpy(), grad_A.numpy(), grad_B.numpy(), grad_C.numpy(), grad_D.numpy(),
         )  # fmt: skip
         grad_bias = grad_delta.sum((1, 2))  # the bias is added at every step of every order
+        grad_weight = None
+        if low_rank:
+            grad_weight = torch.einsum("blgr,gbld->grd", delta_low, grad_delta)
+            grad_delta = torch.einsum("gbld,grd->blgr", grad_delta, weight)
         return (
             grad_u,
             grad_delta,
@@ -346,6 +363,7 @@ class _NumbaScan(torch.autograd.Function):
             grad_bias,
             None,
             None,
+            grad_weight,
         )
 
 
@@ -360,6 +378,7 @@ def selective_scan_orders(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     check_finite: bool = True,
+    delta_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run several scan orders over shared channel-last buffers with the fused CPU kernel.
 
@@ -379,6 +398,11 @@ def selective_scan_orders(
             no biased / soft-plussed copy of ``delta`` is made.
         check_finite: raise on NaN/Inf inputs, or an output that overflowed (callers that checked
             already pass ``False``).
+        delta_weight: ``(G, R, Dg)``, or ``None``. When given, ``delta`` is the low-rank form
+            ``(batch, L, G, R)`` of the step sizes, ``delta[g, b, l] = delta[b, l, g] @ delta_weight[g]``
+            (Mamba's ``dt_proj``), and the forward kernel forms each step's row itself: no
+            ``(G, batch, L, Dg)`` tensor is allocated, which pays off for small ``R`` (``R`` FMAs per
+            element against a write and a read of it). The backward pass forms it.
 
     Returns:
         ``y`` ``(batch, L, Y, Dg)`` (float32) and the last states ``(batch, S, Dg, N)``.
@@ -396,7 +420,21 @@ def selective_scan_orders(
     }
     if delta_bias is not None:
         expected["delta_bias"] = (groups, dg)
-    for name, tensor in (("delta", delta), ("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias)):
+    if delta_weight is not None:
+        if delta_weight.dim() != 3 or delta_weight.shape[0] != groups or delta_weight.shape[2] != dg:
+            raise ValueError(
+                f"delta_weight must be (groups={groups}, R, Dg={dg}), got {tuple(delta_weight.shape)}."
+            )
+        expected["delta"] = (batch, length, groups, delta_weight.shape[1])
+    named = (
+        ("delta", delta),
+        ("A", A),
+        ("B", B),
+        ("C", C),
+        ("delta_bias", delta_bias),
+        ("delta_weight", delta_weight),
+    )
+    for name, tensor in named:
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}.")
     if orders.positions.shape[1] != length:
@@ -410,9 +448,14 @@ def selective_scan_orders(
     pad = -dg % LANES
     if pad:
         # zero channels scan to zero and get zero gradients; autograd slices them off again
-        u, delta, A, D, delta_bias = (F.pad(t, (0, pad)) for t in (u, delta, A, D, delta_bias))
-    args = (u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:7]):
+        u, A, D, delta_bias = (F.pad(t, (0, pad)) for t in (u, A, D, delta_bias))
+        if delta_weight is None:
+            delta = F.pad(delta, (0, pad))
+        else:
+            delta_weight = F.pad(delta_weight, (0, pad))
+    args = (u, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders, delta_weight)
+    tensors = args[:7] if delta_weight is None else (*args[:7], delta_weight)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         y, last, finite = _NumbaScan.apply(*args)
     else:  # inference: the same kernel without autograd's bookkeeping
         y, last, finite, _ = _numba_forward(*args)
@@ -421,7 +464,7 @@ def selective_scan_orders(
         # kernel sums what it writes, so this costs no pass at all; only now are the inputs tested
         # one by one, to name the culprit. (A raw step size of -inf -- softplus 0, the step keeps the
         # state -- and an A of -inf -- the state restarts -- are limits the scan defines; they pass.)
-        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, delta_weight=delta_weight)
         if not bool(torch.isfinite(y).all()):
             raise ValueError(
                 "selective_scan: the scan overflowed float32 although its inputs are finite; the step sizes "
