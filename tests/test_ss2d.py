@@ -233,9 +233,9 @@ def test_every_non_finite_scan_input_is_named(name: str) -> None:
 @pytest.mark.parametrize("d_state", [1, 4])
 @pytest.mark.parametrize("in_kernel_rank", [0, 16])
 def test_step_size_projection_in_or_out_of_the_kernel(d_state: int, in_kernel_rank: int, monkeypatch) -> None:
-    # ranks up to MAX_IN_KERNEL_DT_RANK are projected inside the kernel, larger ones by a batched
-    # matmul; d_state 1 takes the kernel's one-pass step. Each path must give the torch path's
-    # forward (with and without autograd) and gradients.
+    # at inference, ranks up to MAX_IN_KERNEL_DT_RANK are projected inside the kernel; larger ones,
+    # and training, use a batched matmul. d_state 1 takes the kernel's one-pass step. Each path must
+    # give the torch path's forward (with and without autograd) and gradients.
     from memmamba_plugins.ssm import ss2d
 
     monkeypatch.setattr(ss2d, "MAX_IN_KERNEL_DT_RANK", in_kernel_rank)

@@ -29,9 +29,9 @@ from .selective_scan import (
 
 #: Scan directions, in the order of the per-direction parameters (VMamba's order).
 DIRECTIONS: tuple[str, ...] = ("row", "column", "row_reversed", "column_reversed")
-#: Highest step-size rank the CPU kernel projects itself (``R`` FMAs per channel and step) instead
-#: of reading a precomputed ``(K, L, D)`` tensor; measured on MemoryMamba-tiny's stages, ranks 6
-#: and 12 gain, 24 and 48 lose to the batched matmul.
+#: Highest step-size rank the CPU kernel projects itself at inference (``R`` FMAs per channel and
+#: step) instead of reading a precomputed ``(K, L, D)`` tensor; measured on MemoryMamba-tiny's
+#: stages, ranks 6 and 12 gain, 24 and 48 lose to the batched matmul.
 MAX_IN_KERNEL_DT_RANK = 16
 
 
@@ -277,17 +277,21 @@ class SS2D(nn.Module):
         seq = x.reshape(b, length, d)
         x_dbl = (seq @ self.x_proj_weight.reshape(-1, d).t()).reshape(b, length, k, -1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
-        if self.dt_rank <= MAX_IN_KERNEL_DT_RANK:
-            # the kernel projects the step sizes itself: the (K, B*L, D) step-size tensor, the
-            # largest of the block, is never allocated (at batch 1 its fresh pages cost more than
-            # the whole projection)
-            delta, delta_weight = dts, self.dt_projs_weight.transpose(1, 2)
+        weight = self.dt_projs_weight
+        training = torch.is_grad_enabled() and (seq.requires_grad or weight.requires_grad)
+        if self.dt_rank <= MAX_IN_KERNEL_DT_RANK and not training:
+            # inference: the kernel projects the step sizes itself, so the (K, B*L, D) step-size
+            # tensor, the largest of the block, is never allocated (at batch 1 its fresh pages
+            # cost more than the whole projection). Training keeps the matmul: the backward
+            # pass needs that tensor anyway.
+            delta, delta_weight = dts, weight.transpose(1, 2)
         else:
             # (K, B*L, D) straight out of one batched matmul is the kernel's delta layout; the
             # kernel adds the bias and applies softplus as it reads it, so no second copy is stored
             delta = torch.bmm(
-                dts.reshape(b * length, k, self.dt_rank).transpose(0, 1), self.dt_projs_weight.transpose(1, 2)
-            ).reshape(k, b, length, d)
+                dts.reshape(b * length, k, self.dt_rank).transpose(0, 1), weight.transpose(1, 2)
+            )
+            delta = delta.reshape(k, b, length, d)
             delta_weight = None
         y, _ = selective_scan_orders(
             seq.unsqueeze(2),
