@@ -221,25 +221,9 @@ def _low_rank_row(low, weight, blk, row):  # pragma: no cover - compiled
 
 @nb.njit(parallel=True, **_JIT)
 def _scan_forward(
-    u,
-    delta,
-    dt_low,
-    dt_weight,
-    A,
-    B,
-    C,
-    D,
-    delta_bias,
-    delta_softplus,
-    positions,
-    segment,
-    group_of,
-    u_of,
-    y_of,
-    y,
-    last_state,
-    totals,
-):  # pragma: no cover - compiled
+    u, delta, dt_low, dt_weight, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of,
+    y, last_state, totals,
+):  # fmt: skip  # pragma: no cover - compiled
     """:func:`scan_forward` on the channel-blocked views (last axis split into ``(blocks, width)``)."""
     batch, length = u.shape[0], u.shape[1]
     blocks, lanes = u.shape[3], u.shape[4]
@@ -351,23 +335,9 @@ def _by_block(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def scan_forward(
-    u,
-    delta,
-    A,
-    B,
-    C,
-    D,
-    delta_bias,
-    delta_softplus,
-    positions,
-    segment,
-    group_of,
-    u_of,
-    y_of,
-    y,
-    last_state,
+    u, delta, A, B, C, D, delta_bias, delta_softplus, positions, segment, group_of, u_of, y_of, y, last_state,
     delta_weight=None,
-) -> bool:
+) -> bool:  # fmt: skip
     """Forward scan of every order; adds into ``y`` (the caller zeroes it).
 
     Args:

@@ -295,25 +295,11 @@ class _NumbaScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor,
-        delta_bias: Tensor,
-        delta_softplus: bool,
-        orders: ScanOrders,
-        delta_weight: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, bool]:
-        y, last, finite, inputs = _numba_forward(
-            u, delta, A, B, C, D, delta_bias, delta_softplus, orders, delta_weight
-        )
+    def forward(ctx, *args) -> tuple[Tensor, Tensor, bool]:
+        """``args`` as :func:`_numba_forward`."""
+        y, last, finite, inputs = _numba_forward(*args)
         ctx.save_for_backward(*inputs)
-        ctx.orders = orders
-        ctx.delta_softplus = delta_softplus
+        ctx.delta_softplus, ctx.orders = args[7], args[8]
         return y, last, finite
 
     @staticmethod
