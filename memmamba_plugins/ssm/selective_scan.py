@@ -385,10 +385,11 @@ def selective_scan_orders(
         check_finite: raise on NaN/Inf inputs, or an output that overflowed (callers that checked
             already pass ``False``).
         delta_weight: ``(G, R, Dg)``, or ``None``. When given, ``delta`` is the low-rank form
-            ``(batch, L, G, R)`` of the step sizes, ``delta[g, b, l] = delta[b, l, g] @ delta_weight[g]``
-            (Mamba's ``dt_proj``), and the forward kernel forms each step's row itself: no
-            ``(G, batch, L, Dg)`` tensor is allocated, which pays off for small ``R`` (``R`` FMAs per
-            element against a write and a read of it). The backward pass forms it.
+            ``(batch, L, G, R)`` of the step sizes -- those of group ``g`` at ``(b, l)`` are
+            ``delta[b, l, g] @ delta_weight[g]`` (Mamba's ``dt_proj``) -- and the forward kernel
+            forms each step's row itself: no ``(G, batch, L, Dg)`` tensor is allocated, which pays
+            off for small ``R`` (``R`` FMAs per element against a write and a read of it). The
+            backward pass forms it.
 
     Returns:
         ``y`` ``(batch, L, Y, Dg)`` (float32) and the last states ``(batch, S, Dg, N)``.
@@ -412,15 +413,7 @@ def selective_scan_orders(
                 f"delta_weight must be (groups={groups}, R, Dg={dg}), got {tuple(delta_weight.shape)}."
             )
         expected["delta"] = (batch, length, groups, delta_weight.shape[1])
-    named = (
-        ("delta", delta),
-        ("A", A),
-        ("B", B),
-        ("C", C),
-        ("delta_bias", delta_bias),
-        ("delta_weight", delta_weight),
-    )
-    for name, tensor in named:
+    for name, tensor in (("delta", delta), ("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias)):
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}.")
     if orders.positions.shape[1] != length:

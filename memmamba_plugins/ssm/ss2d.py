@@ -278,8 +278,8 @@ class SS2D(nn.Module):
         x_dbl = (seq @ self.x_proj_weight.reshape(-1, d).t()).reshape(b, length, k, -1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
         weight = self.dt_projs_weight
-        training = torch.is_grad_enabled() and (seq.requires_grad or weight.requires_grad)
-        if self.dt_rank <= MAX_IN_KERNEL_DT_RANK and not training:
+        needs_grad = torch.is_grad_enabled() and (dts.requires_grad or weight.requires_grad)
+        if self.dt_rank <= MAX_IN_KERNEL_DT_RANK and not needs_grad:
             # inference: the kernel projects the step sizes itself, so the (K, B*L, D) step-size
             # tensor, the largest of the block, is never allocated (at batch 1 its fresh pages
             # cost more than the whole projection). Training keeps the matmul: the backward
