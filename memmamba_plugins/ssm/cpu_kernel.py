@@ -180,6 +180,20 @@ def _step_size(raw: np.float32, bias: np.float32, delta_softplus: bool) -> np.fl
 
 
 @nb.njit(inline="always", **_JIT)
+def _task_buffers(n_state, lanes):  # pragma: no cover - compiled
+    """A task's buffers common to both kernels: ``A`` and state ``(N, width)``; ``D``, bias, step size, drive ``(width,)``."""
+    state_shape = (n_state, lanes)
+    return (
+        np.zeros(state_shape, np.float32),
+        np.zeros(state_shape, np.float32),
+        np.zeros(lanes, np.float32),
+        np.zeros(lanes, np.float32),
+        np.zeros(lanes, np.float32),
+        np.zeros(lanes, np.float32),
+    )
+
+
+@nb.njit(inline="always", **_JIT)
 def _load_step(u_row, delta_row, bias, delta_softplus, dtv, drive):  # pragma: no cover - compiled
     """Step sizes ``dtv`` and inputs ``drive = dt * u`` of one position for one block of channels."""
     for j in range(dtv.shape[0]):
@@ -234,12 +248,7 @@ def _scan_forward(
         b = task // blocks
         blk = task % blocks
         d0 = blk * lanes
-        a = np.zeros((n_state, lanes), np.float32)
-        h = np.zeros((n_state, lanes), np.float32)
-        skip = np.zeros(lanes, np.float32)
-        bias = np.zeros(lanes, np.float32)
-        dtv = np.zeros(lanes, np.float32)
-        drive = np.zeros(lanes, np.float32)
+        a, h, skip, bias, dtv, drive = _task_buffers(n_state, lanes)
         acc = np.zeros(lanes, np.float32)
         raw = np.zeros(lanes, np.float32)
         total = np.float32(0.0)
@@ -408,21 +417,16 @@ def _scan_backward(
         b = task // blocks
         blk = task % blocks
         d0 = blk * lanes
-        a = np.zeros((n_state, lanes), np.float32)
-        h = np.zeros((n_state, lanes), np.float32)
+        a, h, skip, bias, dtv, drive = _task_buffers(n_state, lanes)
         gh = np.zeros((n_state, lanes), np.float32)
         g_a = np.zeros((n_state, lanes), np.float32)
         checkpoints = np.zeros((n_chunks, n_state, lanes), np.float32)
         states = np.zeros((CHECKPOINT, n_state, lanes), np.float32)
         decays = np.zeros((CHECKPOINT, n_state, lanes), np.float32)
         zero = np.zeros((n_state, lanes), np.float32)
-        skip = np.zeros(lanes, np.float32)
-        bias = np.zeros(lanes, np.float32)
-        dtv = np.zeros(lanes, np.float32)
         slope = np.zeros(lanes, np.float32)
         uv = np.zeros(lanes, np.float32)
         gyv = np.zeros(lanes, np.float32)
-        drive = np.zeros(lanes, np.float32)
         g_u = np.zeros(lanes, np.float32)
         g_dt = np.zeros(lanes, np.float32)
         g_d = np.zeros(lanes, np.float32)
