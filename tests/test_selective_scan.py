@@ -322,3 +322,53 @@ def test_scan_orders_segments_restart_the_state() -> None:
     assert rel_err(y[:, :, 0].transpose(1, 2), torch.cat(parts, dim=-1)) <= OUT_TOL
     with pytest.raises(ValueError, match="delta must be"):
         selective_scan_orders(u.transpose(1, 2)[:, :, None], delta[None], A.t()[None], B, C, None, halves)
+
+
+def test_scan_orders_set_or_add_their_outputs() -> None:
+    """Slot 0: a full reverse order (sets its rows) then a forward one (adds); slot 1: an order that
+    visits half the positions twice (adds into zeros); slot 2: no order at all (stays zero)."""
+    from memmamba_plugins.ssm import ScanOrders, cpu_kernel, selective_scan_orders
+
+    length = 40
+    inputs = make_inputs(
+        length, 1, use_D=True, use_z=False, use_bias=False, softplus=False, dim=32, n_state=2
+    )
+    u, delta, A, B, C, D = (inputs[k].float() for k in ("u", "delta", "A", "B", "C", "D"))
+    forward = np.arange(length)
+    twice_half = np.concatenate([np.arange(length // 2)] * 2)
+    orders = ScanOrders(
+        positions=np.stack([forward[::-1], forward, twice_half]).copy(),
+        segment=np.full(3, length),
+        group_of=np.zeros(3, dtype=np.int64),
+        u_of=np.zeros(3, dtype=np.int64),
+        y_of=np.array([0, 0, 1]),
+        n_outputs=3,
+    )
+    assert orders.first_writes.tolist() == [True, False, False] and not orders.covers_outputs
+
+    def along(positions: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(positions.copy())
+        out = selective_scan(
+            u[..., index], delta[..., index], A, B[..., index], C[..., index], D, backend="reference"
+        )
+        return torch.zeros_like(u).index_add_(2, index, out)
+
+    expected = [along(forward[::-1]) + along(forward), along(twice_half), torch.zeros_like(u)]
+    args = (
+        u.transpose(1, 2)[:, :, None], delta.transpose(1, 2)[None], A.t()[None], B.transpose(1, 2)[:, :, None],
+        C.transpose(1, 2)[:, :, None], D[None],
+    )  # fmt: skip
+    y, _ = selective_scan_orders(*args, orders)
+    for slot in range(3):
+        assert rel_err(y[:, :, slot].transpose(1, 2), expected[slot]) <= OUT_TOL, slot
+
+    # at the kernel itself: rows an order sets may hold anything before (here NaN)
+    y_nan = np.full(tuple(y.shape), np.nan, dtype=np.float32)
+    y_nan[:, :, 1:] = 0.0
+    last = np.zeros((2, 3, 32, 2), dtype=np.float32)
+    arrays = [t.detach().contiguous().numpy() for t in args] + [np.zeros((1, 32), dtype=np.float32)]
+    cpu_kernel.scan_forward(
+        *arrays, False, orders.positions, orders.segment, orders.group_of, orders.u_of, orders.y_of,
+        orders.first_writes, y_nan, last,
+    )  # fmt: skip
+    assert np.array_equal(y_nan, y.numpy())

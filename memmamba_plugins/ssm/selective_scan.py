@@ -236,6 +236,27 @@ class ScanOrders:
         """Highest parameter group an order uses."""
         return int(self.group_of.max())
 
+    @functools.cached_property
+    def first_writes(self) -> np.ndarray:
+        """``(S,)`` bool: order ``s`` is the first to reach its output slot and visits every position once.
+
+        The forward kernel sets each row such an order reaches instead of adding to it, so an output
+        slot that has such an order needs no zeroing pass of its own (see :attr:`covers_outputs`).
+        """
+        everywhere = np.arange(self.positions.shape[1])
+        flags = np.zeros(len(self.y_of), dtype=np.bool_)
+        seen: set[int] = set()
+        for s, slot in enumerate(self.y_of.tolist()):
+            if slot not in seen:
+                seen.add(slot)
+                flags[s] = np.array_equal(np.sort(self.positions[s]), everywhere)
+        return flags
+
+    @functools.cached_property
+    def covers_outputs(self) -> bool:
+        """Whether every output slot is set by a first write, so the output can start uninitialised."""
+        return int(self.first_writes.sum()) == self.n_outputs
+
     @classmethod
     def sequential(cls, length: int, groups: int) -> ScanOrders:
         """Plain Mamba: group ``g`` scans its own input in sequence order into its own output."""
@@ -275,11 +296,12 @@ def _numba_forward(
     inputs = tuple(t.detach().float().contiguous() for t in tensors)
     u = inputs[0]
     batch, length, _, dg = u.shape
-    y = u.new_zeros(batch, length, orders.n_outputs, dg)
+    new_output = u.new_empty if orders.covers_outputs else u.new_zeros
+    y = new_output(batch, length, orders.n_outputs, dg)
     last = u.new_empty(batch, len(orders.segment), dg, inputs[2].shape[1])
     finite = cpu_kernel.scan_forward(
         *(t.numpy() for t in inputs[:7]), delta_softplus, orders.positions, orders.segment, orders.group_of,
-        orders.u_of, orders.y_of, y.numpy(), last.numpy(),
+        orders.u_of, orders.y_of, orders.first_writes, y.numpy(), last.numpy(),
         delta_weight=None if delta_weight is None else inputs[7].numpy(),
     )  # fmt: skip
     return y, last, finite, inputs
