@@ -59,6 +59,21 @@ def test_tiny_preset_forward() -> None:
     assert out.shape == (1, 768, 2, 2)
 
 
+def test_stride_two_convs_stay_channel_last_through_loading() -> None:
+    model = toy().eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # a default-layout checkpoint
+    model.load_state_dict(state)
+    convs = [model.patch_embed.conv1, model.patch_embed.conv2, model.stages[0].downsample.conv]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    down = model.stages[0].downsample
+    x = torch.randn(2, 16, 16, 8)
+    expected = torch.nn.functional.conv2d(
+        x.permute(0, 3, 1, 2).contiguous(), down.conv.weight.contiguous(), down.conv.bias, stride=2, padding=1
+    )
+    with torch.no_grad():
+        assert torch.allclose(down(x), down.norm(expected.permute(0, 2, 3, 1)), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("arch", "depths", "dim"), [("small", (2, 2, 15, 2), 96), ("base", (2, 2, 15, 2), 128)]
 )

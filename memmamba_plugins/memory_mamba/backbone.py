@@ -53,6 +53,17 @@ class ChannelLastLayerNorm(nn.LayerNorm):
     """LayerNorm over the last axis; named so the intent (channel-last maps) is explicit."""
 
 
+def _channel_last_weights(module: nn.Module) -> None:
+    """Store the module's conv weights channel-last (``torch.channels_last``), as the maps they see.
+
+    The blocks work channel-last, so a conv's input is a permuted, channel-last view. With the
+    weight laid out the same way, oneDNN (CPU) and cuDNN run the conv without re-laying out either
+    operand on every call; with a default-layout weight the CPU conv re-laid out one of them on every
+    call. ``load_state_dict`` copies into the existing parameters, so the layout survives loading.
+    """
+    module.to(memory_format=torch.channels_last)
+
+
 class PatchEmbed(nn.Module):
     """VMamba's stem: two 3x3 stride-2 convs (stride 4 in all) with LayerNorm, output channel-last.
 
@@ -67,6 +78,7 @@ class PatchEmbed(nn.Module):
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(mid, embed_dim, 3, stride=2, padding=1)
         self.norm2 = ChannelLastLayerNorm(embed_dim)
+        _channel_last_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm1(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -81,14 +93,10 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
         self.norm = ChannelLastLayerNorm(out_dim)
+        _channel_last_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.permute(0, 3, 1, 2)
-        if self.conv.weight.numel() > x.numel():
-            # a channel-last input makes oneDNN re-lay the weight out on every call; in the late
-            # stages the weight is larger than the map, so copying the map is the cheaper side
-            x = x.contiguous()
-        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 class Mlp(nn.Module):
