@@ -148,6 +148,44 @@ def test_fusion_changes_features_and_state_not_kept() -> None:
     assert off.stages[0].blocks[0].op.condition(z) is z
 
 
+@pytest.mark.parametrize("kind", ["cosine", "l1", "l2", None])
+def test_fused_readouts_follow_the_per_memory_formula(kind: str | None) -> None:
+    """Eqs. 16-22 written out memory by memory: beta_k = sim(M_k, Pool(Z)), Z + s * sum_k beta_k M_k."""
+    op = toy(similarity=kind or "cosine", use_fusion=kind is not None).stages[0].blocks[0].op
+    x = torch.randn(3, op.d_inner, 8, 8)
+    z = x.mean(dim=(2, 3))
+    encoded = torch.nn.functional.gelu(op.mem_conv(z))
+    fused = 0
+    for bank in (op.coarse, op.fine):
+        readout = bank.query(encoded).softmax(-1) @ bank.slots
+        if kind == "cosine":
+            beta = torch.nn.functional.cosine_similarity(readout, z, dim=-1)[:, None]
+        elif kind == "l1":
+            beta = 1 / (1 + (readout - z).abs().mean(-1, keepdim=True))
+        elif kind == "l2":
+            beta = 1 / (1 + (readout - z).pow(2).mean(-1, keepdim=True).sqrt())
+        else:
+            beta = 1
+        fused = fused + beta * readout
+    expected = x + op.fusion_scale * fused[:, :, None, None]
+    with torch.no_grad():
+        assert torch.allclose(op.condition(x), expected, atol=1e-6)
+
+
+def test_checkpoints_with_the_former_query_keys_load() -> None:
+    model = toy()
+    state = {
+        k.replace(".query.", ".query.1.") if (".coarse." in k or ".fine." in k) else k: v
+        for k, v in model.state_dict().items()
+    }
+    assert any(".query.1." in k for k in state)
+    fresh = toy()
+    fresh.load_state_dict(state)  # strict: every key is placed
+    assert torch.equal(
+        fresh.stages[0].blocks[0].op.fine.query.weight, model.stages[0].blocks[0].op.fine.query.weight
+    )
+
+
 def test_drop_path_and_frozen_stages() -> None:
     model = toy(drop_path_rate=0.3, frozen_stages=1)
     assert not any(p.requires_grad for p in model.patch_embed.parameters())
@@ -203,7 +241,7 @@ def test_classifier_logs_each_loss_and_backpropagates_to_memory() -> None:
     assert set(losses) == {"loss_cls", "loss_contrastive", "loss_nce"}
     sum(losses.values()).backward()
     op = model.backbone.stages[0].blocks[0].op
-    assert op.coarse.slots.grad is not None and op.fine.query[1].weight.grad is not None
+    assert op.coarse.slots.grad is not None and op.fine.query.weight.grad is not None
     preds = model(torch.randn(2, 3, IMG, IMG), mode="predict")
     assert preds[0].pred_score.shape == (3,)
 

@@ -54,8 +54,9 @@ class MemoryState:
 
 
 def similarity(a: Tensor, b: Tensor, kind: str = "cosine") -> Tensor:
-    """Similarity score ``beta`` between pooled vectors (Eq. 21), ``(B, D), (B, D) -> (B, 1)``.
+    """Similarity score ``beta`` between pooled vectors (Eq. 21), over the last axis: ``(..., D) -> (..., 1)``.
 
+    ``a`` and ``b`` broadcast against each other (e.g. ``(B, K, D)`` read-outs against ``(B, 1, D)``).
     ``cosine`` lies in ``[-1, 1]``. The distances are turned into similarities in ``(0, 1]`` by
     ``1 / (1 + d)``, with ``d`` the mean absolute (L1) or root-mean-square (L2) difference so that
     the score does not depend on the channel count.
@@ -74,26 +75,41 @@ def similarity(a: Tensor, b: Tensor, kind: str = "cosine") -> Tensor:
 class MemoryBank(nn.Module):
     """A memory of learned slots read by softmax attention (Eqs. 16-18).
 
+    The query MLP of Eq. 16 is ``mem_conv -> GELU -> query``; its first layer and activation are
+    shared by the coarse and fine memories of a block, so they live in :class:`MemSS2D` and this
+    module holds the second layer.
+
     Args:
         dim: channels of the feature map and of each memory slot.
         num_slots: memory size (``c`` or ``f`` in the paper).
-        hidden: width of the encoded feature the query reads (output of ``mem_conv``).
+        hidden: width of the activated feature the query reads.
     """
 
     def __init__(self, dim: int, num_slots: int, hidden: int) -> None:
         super().__init__()
         if num_slots < 1:
             raise ValueError(f"A memory needs at least one slot, got {num_slots}.")
-        # Second half of the query MLP; its first layer is the block's shared ``mem_conv``.
-        self.query = nn.Sequential(nn.GELU(), nn.Linear(hidden, num_slots))
+        self.query = nn.Linear(hidden, num_slots)
         self.slots = nn.Parameter(torch.empty(num_slots, dim))
         nn.init.trunc_normal_(self.slots, std=SLOT_INIT_STD)
+        self._register_load_state_dict_pre_hook(_rename_sequential_query)
 
     def forward(self, feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, hidden)`` encoded feature -> query ``h`` ``(B, S)``, attention ``alpha`` ``(B, S)``, read-out ``(B, D)``."""
+        """``(B, hidden)`` activated feature -> query ``h`` ``(B, S)``, attention ``alpha`` ``(B, S)``, read-out ``(B, D)``."""
         query = self.query(feat)
         attn = query.softmax(dim=-1)
         return query, attn, attn @ self.slots
+
+
+def _rename_sequential_query(state_dict: dict, prefix: str, *args) -> None:
+    """Accept checkpoints from before the query's activation moved to :class:`MemSS2D`.
+
+    The bank then held ``Sequential(GELU, Linear)``, so its keys were ``query.1.weight`` / ``query.1.bias``.
+    """
+    for name in ("weight", "bias"):
+        old = f"{prefix}query.1.{name}"
+        if old in state_dict:
+            state_dict[f"{prefix}query.{name}"] = state_dict.pop(old)
 
 
 class MemSS2D(SS2D):
@@ -137,6 +153,7 @@ class MemSS2D(SS2D):
         # query MLPs (Eq. 16). A 1x1 conv followed by the global pooling the queries need equals
         # pooling followed by a linear map, which costs H*W times less; that is how it is computed.
         self.mem_conv = nn.Linear(d, hidden) if self.has_memory else None
+        self.mem_act = nn.GELU() if self.has_memory else None
         self.coarse = MemoryBank(d, coarse_slots, hidden) if coarse_slots > 0 else None
         self.fine = MemoryBank(d, fine_slots, hidden) if fine_slots > 0 else None
         if self.fine is not None:
@@ -158,16 +175,14 @@ class MemSS2D(SS2D):
         if not self.has_memory:
             return x
         z = x.mean(dim=(2, 3))  # Pooling(Z_i), Eq. 20
-        encoded = self.mem_conv(z)
+        encoded = self.mem_act(self.mem_conv(z))
         state = MemoryState() if self.record_state else None
-        fused = None
+        readouts = []
         for name, bank in (("coarse", self.coarse), ("fine", self.fine)):
             if bank is None:
                 continue
             query, attn, readout = bank(encoded)
-            # The read-out is already a vector per sample, so Pooling(M) (Eq. 19) is the identity.
-            weighted = similarity(readout, z, self.similarity) * readout if self.use_fusion else readout
-            fused = weighted if fused is None else fused + weighted
+            readouts.append(readout)
             if state is None:
                 continue
             if name == "coarse":
@@ -177,4 +192,12 @@ class MemSS2D(SS2D):
                 state.fine_z = self.nce_z(z)
                 state.fine_readout = self.nce_mem(readout)
         self.last_state = state
-        return x + self.fusion_scale * fused[:, :, None, None]
+        # Both read-outs are weighted and summed at once: at batch 1 the block's small operations
+        # cost more in dispatch than in arithmetic, so they are kept few. A read-out is already a
+        # vector per sample, so Pooling(M) (Eq. 19) is the identity.
+        stacked = torch.stack(readouts, dim=1)  # (B, memories, D)
+        if self.use_fusion:
+            fused = (similarity(stacked, z.unsqueeze(1), self.similarity) * stacked).sum(dim=1)
+        else:
+            fused = stacked.sum(dim=1)
+        return torch.add(x, fused[:, :, None, None], alpha=self.fusion_scale)
