@@ -172,6 +172,20 @@ def test_fused_readouts_follow_the_per_memory_formula(kind: str | None) -> None:
         assert torch.allclose(op.condition(x), expected, atol=1e-6)
 
 
+def test_inference_path_equals_the_training_path() -> None:
+    """Under no_grad SS2D fuses conv, memory offset and SiLU in the CPU kernels; same result."""
+    model = toy(out_indices=(0, 1)).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    outs, states = model(x, return_memory=True)  # parameters require grad: torch operations
+    with torch.no_grad():
+        outs_fused, states_fused = model(x, return_memory=True)
+    for a, b in zip(outs, outs_fused):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(states, states_fused):
+        assert torch.allclose(a.coarse_attn, b.coarse_attn, atol=1e-5)
+        assert torch.allclose(a.fine_readout, b.fine_readout, atol=1e-5)
+
+
 def test_checkpoints_with_the_former_query_keys_load() -> None:
     model = toy()
     state = {

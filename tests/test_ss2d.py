@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memmamba_plugins.ssm import SS2D, check_region_size, merge_regions, split_regions
+from memmamba_plugins.ssm import SS2D, check_region_size, cpu_kernel, merge_regions, split_regions
+
+#: The kernel itself, for tests that spy on calls to it.
+DEPTHWISE = cpu_kernel.depthwise_conv
 
 
 def make(levels=(0,), d_model: int = 8, **kw) -> SS2D:
@@ -159,6 +162,72 @@ def test_condition_hook_sits_between_conv_and_scan() -> None:
     module = Zeroed(8, d_state=4)
     # zero scan input -> scan output 0 -> LayerNorm(0) = its bias (0) -> projection of 0
     out = module(torch.randn(1, 4, 4, 8))
+    assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_depthwise_conv_and_offset_silu_kernels_match_torch(size: int, with_bias: bool) -> None:
+    from memmamba_plugins.ssm import cpu_kernel
+
+    channels = 13
+    x = torch.randn(2, 7, 9, channels)
+    weight = torch.randn(channels, 1, size, size)
+    bias = torch.randn(channels) if with_bias else torch.zeros(channels)
+    expected = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=size // 2, groups=channels)
+    expected = expected.permute(0, 2, 3, 1)
+    out = torch.full_like(x, float("nan"))
+    sums = cpu_kernel.depthwise_conv(
+        x.numpy(), weight[:, 0].permute(1, 2, 0).contiguous().numpy(), bias.numpy(), out.numpy()
+    )
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(sums).float(), expected.sum(dim=(1, 2)), atol=1e-3)
+    offset = torch.randn(2, channels)
+    cpu_kernel.offset_silu(out.numpy(), offset.numpy())
+    assert torch.allclose(out, F.silu(expected + offset[:, None, None]), atol=1e-5)
+
+
+class _Offset(SS2D):
+    """An SS2D whose channel offset depends on the pooled map (as MemoryMamba's memories do)."""
+
+    has_channel_offset = True
+
+    def channel_offset(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(pooled * 3.0) - 0.2
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (SS2D, {}),
+        (SS2D, {"gated": True, "conv_bias": True, "d_conv": 5}),
+        (SS2D, {"pyramid_levels": (0, 1)}),
+        (_Offset, {"gated": False}),
+    ],
+)
+def test_inference_conv_path_matches_the_torch_path(cls, kwargs: dict, monkeypatch) -> None:
+    from memmamba_plugins.ssm import cpu_kernel
+
+    torch.manual_seed(0)
+    module = cls(16, d_state=1, backend="numba", **kwargs)
+    x = torch.randn(2, 8, 8, 16)
+    expected = module(x)  # parameters require grad: the torch path
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "depthwise_conv", lambda *a: calls.append(1) or DEPTHWISE(*a))
+    with torch.inference_mode():
+        fused = module(x)
+    assert calls, "inference did not take the fused conv path"
+    assert torch.allclose(fused, expected, atol=1e-5)
+
+
+def test_a_subclass_overriding_condition_keeps_it_at_inference() -> None:
+    class Zeroed(SS2D):
+        def condition(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = Zeroed(8, d_state=4, backend="numba")(torch.randn(1, 4, 4, 8))
     assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
 
 

@@ -6,7 +6,7 @@ Reference:
 
 The memory read-outs and the fusion sit inside SS2D, between the depthwise convolution and the
 SiLU before the scan -- where the official MemoryMamba code puts them. :class:`MemSS2D` overrides
-the :meth:`SS2D.condition` hook for this and stashes what the memory losses need
+the :meth:`SS2D.channel_offset` hook for this and stashes what the memory losses need
 (:class:`MemoryState`).
 """
 
@@ -164,8 +164,18 @@ class MemSS2D(SS2D):
         #: build :attr:`last_state` for the memory losses (set by the backbone per forward)
         self.record_state = False
 
-    def condition(self, x: Tensor) -> Tensor:
-        """Read both memories from ``Z`` ``(B, D, H, W)`` and broadcast-add the fused read-outs.
+    @property
+    def has_channel_offset(self) -> bool:  # type: ignore[override]
+        return self.has_memory
+
+    def channel_offset(self, pooled: Tensor) -> Tensor | None:
+        """The fused memory read-outs for ``Z`` (Eqs. 16-22), added to every position of ``Z``.
+
+        Args:
+            pooled: ``(B, D)`` spatial mean of ``Z``, ``Pooling(Z_i)`` of Eq. 20 (SS2D computes it).
+
+        Returns:
+            ``fusion_scale * sum_k beta_k M_k`` ``(B, D)``, or ``None`` without memories.
 
         The :class:`MemoryState` for the losses (with its InfoNCE projections) is built only when
         :attr:`record_state` is set -- the backbone sets it for ``return_memory=True`` -- so
@@ -173,8 +183,8 @@ class MemSS2D(SS2D):
         """
         self.last_state = None
         if not self.has_memory:
-            return x
-        z = x.mean(dim=(2, 3))  # Pooling(Z_i), Eq. 20
+            return None
+        z = pooled
         encoded = self.mem_act(self.mem_conv(z))
         state = MemoryState() if self.record_state else None
         readouts = []
@@ -200,4 +210,4 @@ class MemSS2D(SS2D):
             fused = (similarity(stacked, z.unsqueeze(1), self.similarity) * stacked).sum(dim=1)
         else:
             fused = stacked.sum(dim=1)
-        return torch.add(x, fused[:, :, None, None], alpha=self.fusion_scale)
+        return fused * self.fusion_scale

@@ -1,4 +1,5 @@
-"""Fused CPU kernels of the selective scan (forward and backward), compiled with numba.
+"""Fused CPU kernels of the selective scan (forward and backward), and of SS2D's depthwise conv
+and SiLU at inference, compiled with numba.
 
 Why numba: the scan is a recurrence over the sequence, so it cannot be written as a few large
 tensor operations without paying for a ``(batch, dim, L, N)`` intermediate several times over
@@ -608,3 +609,81 @@ def scan_backward(
 def blocks_for(batch: int, dg: int, n_state: int) -> int:
     """Number of channel blocks :func:`scan_backward` uses (the shape of its ``grad_B/C`` buffers)."""
     return dg // block_width(batch, dg, n_state, nb.get_num_threads())
+
+
+# -- SS2D's depthwise convolution and SiLU at inference -------------------------------------------
+# Between its in-projection and the scan, SS2D runs a depthwise conv, an optional per-channel
+# offset computed from the conv output's spatial mean (MemoryMamba's memory read-out), and a SiLU.
+# As separate torch operations that is four passes over the map (conv, mean, add, SiLU) plus the
+# temporaries; these two kernels do it in two, which matters because at batch 1 the passes are
+# bound by memory bandwidth. Inference only: training keeps the torch operations and autograd.
+
+
+@nb.njit(parallel=True, **_JIT)
+def _depthwise_conv(x, weight, bias, out, row_sums):  # pragma: no cover - compiled
+    """:func:`depthwise_conv`; ``row_sums`` ``(batch * H, D)`` float64 gets each output row's sum."""
+    batch, height, width, channels = x.shape
+    size = weight.shape[0]
+    reach = size // 2
+    for task in nb.prange(batch * height):
+        b = task // height
+        i = task % height
+        sums = row_sums[task]
+        sums[:] = 0.0
+        for j in range(width):
+            row = out[b, i, j]
+            row[:] = bias
+            for di in range(size):
+                ii = i + di - reach
+                if ii < 0 or ii >= height:
+                    continue
+                for dj in range(size):
+                    jj = j + dj - reach
+                    if jj < 0 or jj >= width:
+                        continue
+                    tap = weight[di, dj]
+                    source = x[b, ii, jj]
+                    for c in range(channels):
+                        row[c] += tap[c] * source[c]
+            for c in range(channels):
+                sums[c] += row[c]
+
+
+def depthwise_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Depthwise ``k x k`` convolution, stride 1, zero padding ``k // 2``, channel-last.
+
+    Args:
+        x: ``(batch, H, W, D)`` float32, C-contiguous.
+        weight: ``(k, k, D)`` float32 (``k`` odd): ``Conv2d(D, D, k, groups=D).weight[:, 0]`` moved
+            channel-last.
+        bias: ``(D,)`` float32 (zeros for a conv without bias).
+        out: ``(batch, H, W, D)`` float32, written.
+
+    Returns:
+        ``(batch, D)`` float64: the sum of ``out`` over the positions (for its spatial mean).
+    """
+    batch, height = x.shape[0], x.shape[1]
+    row_sums = np.empty((batch * height, x.shape[3]), np.float64)
+    _depthwise_conv(x, weight, bias, out, row_sums)
+    return row_sums.reshape(batch, height, -1).sum(axis=1)
+
+
+@nb.njit(parallel=True, **_JIT)
+def _offset_silu(out, offset, consts):  # pragma: no cover - compiled
+    """:func:`offset_silu` on ``(batch, H, W, D)``."""
+    batch, height, width, channels = out.shape
+    k = _unpack(consts)
+    for task in nb.prange(batch * height):
+        b = task // height
+        i = task % height
+        shift = offset[b]
+        for j in range(width):
+            row = out[b, i, j]
+            for c in range(channels):
+                v = row[c] + shift[c]
+                row[c] = v / (k[_ONE] + _exp(-v, k))
+
+
+def offset_silu(out: np.ndarray, offset: np.ndarray) -> None:
+    """In place: ``out = silu(out + offset[b])`` for ``out`` ``(batch, H, W, D)``, ``offset`` ``(batch, D)`` float32."""
+    _offset_silu(out, offset, _MATH_CONSTANTS)

@@ -291,7 +291,7 @@ def _numba_forward(
     """
     from . import cpu_kernel
 
-    _set_numba_threads()
+    set_numba_threads()
     tensors = (u, delta, A, B, C, D, delta_bias) + (() if delta_weight is None else (delta_weight,))
     inputs = tuple(t.detach().float().contiguous() for t in tensors)
     u = inputs[0]
@@ -328,7 +328,7 @@ class _NumbaScan(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None, _grad_finite: None = None):
         from . import cpu_kernel
 
-        _set_numba_threads()
+        set_numba_threads()
         u, delta, A, B, C, D, delta_bias, *low_rank = ctx.saved_tensors
         if low_rank:
             # training: the backward kernel reads the full step sizes, so they are formed here
@@ -476,7 +476,8 @@ def selective_scan_orders(
     return y, last
 
 
-def _set_numba_threads() -> None:
+def set_numba_threads() -> None:
+    """Size numba's thread pool (the CPU kernels') to torch's intra-op thread count."""
     import numba
 
     # follow torch's intra-op setting so torch.set_num_threads governs the whole model

@@ -25,6 +25,7 @@ from .selective_scan import (
     resolve_backend,
     selective_scan_channel_last,
     selective_scan_orders,
+    set_numba_threads,
 )
 
 #: Scan directions, in the order of the per-direction parameters (VMamba's order).
@@ -219,12 +220,63 @@ class SS2D(nn.Module):
             p._no_weight_decay = True  # read by optimiser builders that honour it
 
     # -- stages -----------------------------------------------------------------------------
-    def condition(self, x: Tensor) -> Tensor:
-        """Hook between the depthwise conv and the SiLU, ``(B, D, H, W)``; identity here.
+    #: Whether :meth:`channel_offset` adds anything (subclasses that override it set this); without
+    #: it the conv output's spatial mean is not computed.
+    has_channel_offset: bool = False
 
-        Subclasses inject extra context at this point (e.g. MemoryMamba's memory read-outs).
+    def channel_offset(self, pooled: Tensor) -> Tensor | None:
+        """Hook between the depthwise conv and the SiLU: a per-channel offset for the map.
+
+        Args:
+            pooled: ``(B, D)`` spatial mean of the conv output.
+
+        Returns:
+            ``(B, D)``, broadcast-added to the conv output before the SiLU, or ``None``; nothing here.
+            Subclasses inject extra context at this point (e.g. MemoryMamba's memory read-outs).
         """
-        return x
+        return None
+
+    def condition(self, x: Tensor) -> Tensor:
+        """The conv output ``(B, D, H, W)`` plus :meth:`channel_offset` of its spatial mean."""
+        if not self.has_channel_offset:
+            return x
+        offset = self.channel_offset(x.mean(dim=(2, 3)))
+        return x if offset is None else x + offset[:, :, None, None]
+
+    def _conv_offset_silu_fused(self, x: Tensor) -> Tensor:
+        """Inference on CPU: depthwise conv, :meth:`channel_offset` and SiLU in two kernel passes.
+
+        ``(B, H, W, D) -> (B, H, W, D)``, what ``SiLU(condition(conv2d(x)))`` computes (float32
+        rounding apart), without its four passes over the map (see :mod:`.cpu_kernel`).
+        """
+        from . import cpu_kernel
+
+        set_numba_threads()
+        x = x.detach().contiguous()
+        b, h, w, d = x.shape
+        conv = self.conv2d
+        weight = conv.weight.detach()[:, 0].permute(1, 2, 0).contiguous()  # (k, k, D)
+        bias = conv.bias.detach() if conv.bias is not None else x.new_zeros(d)
+        out = torch.empty_like(x)
+        sums = cpu_kernel.depthwise_conv(x.numpy(), weight.numpy(), bias.numpy(), out.numpy())
+        offset = None
+        if self.has_channel_offset:
+            offset = self.channel_offset(torch.from_numpy(sums / (h * w)).float())
+        offset = x.new_zeros(b, d) if offset is None else offset.detach().float().contiguous()
+        cpu_kernel.offset_silu(out.numpy(), offset.numpy())
+        return out
+
+    def _fuses_conv(self, x: Tensor) -> bool:
+        """Whether :meth:`_conv_offset_silu_fused` applies: numba backend, float32, no gradient needed.
+
+        A subclass that overrides :meth:`condition` itself (rather than :meth:`channel_offset`)
+        keeps the torch path, which calls it.
+        """
+        if type(self).condition is not SS2D.condition:
+            return False
+        if x.dtype != torch.float32 or not self._uses_fused_kernel(x):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or self.conv2d.weight.requires_grad))
 
     def _scan(self, x: Tensor) -> Tensor:
         """Scan ``x`` ``(B, H, W, D)`` in the four directions; ``(B, L, 4, D)`` in scan order."""
@@ -340,8 +392,11 @@ class SS2D(nn.Module):
             x, z = xz.chunk(2, dim=-1)
         else:
             x, z = xz, None
-        x = self.conv2d(x.permute(0, 3, 1, 2))
-        x = self.act(self.condition(x)).permute(0, 2, 3, 1)
+        if self._fuses_conv(x):
+            x = self._conv_offset_silu_fused(x)
+        else:
+            x = self.conv2d(x.permute(0, 3, 1, 2))
+            x = self.act(self.condition(x)).permute(0, 2, 3, 1)
         y = self.scan2d(x).to(x.dtype)
         y = self.out_norm(y)
         if z is not None:
