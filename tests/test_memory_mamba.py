@@ -186,6 +186,15 @@ def test_inference_path_equals_the_training_path() -> None:
         assert torch.allclose(a.fine_readout, b.fine_readout, atol=1e-5)
 
 
+def test_memories_trained_behind_frozen_layers_get_gradients() -> None:
+    model = toy()
+    for name, p in model.named_parameters():
+        p.requires_grad = any(part in name for part in ("mem_conv", "coarse", "fine"))
+    op = model.stages[0].blocks[0].op
+    model(torch.randn(2, 3, IMG, IMG))[0].sum().backward()
+    assert op.mem_conv.weight.grad is not None and op.fine.query.weight.grad is not None
+
+
 def test_checkpoints_with_the_former_query_keys_load() -> None:
     model = toy()
     state = {

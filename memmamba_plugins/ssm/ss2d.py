@@ -276,7 +276,11 @@ class SS2D(nn.Module):
             return False
         if x.dtype != torch.float32 or not self._uses_fused_kernel(x):
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or self.conv2d.weight.requires_grad))
+        # any trainable parameter counts (e.g. memories trained behind a frozen conv): the kernels
+        # are not differentiable (the first parameter usually decides it, so this costs little)
+        return not (
+            torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        )
 
     def _scan(self, x: Tensor) -> Tensor:
         """Scan ``x`` ``(B, H, W, D)`` in the four directions; ``(B, L, 4, D)`` in scan order."""
