@@ -100,6 +100,8 @@ _MATH_CONSTANTS = np.array(
 _EXP_MIN, _EXP_MAX, _LOG2E, _ROUND, _LN2_HI, _LN2_LO, _ONE, _HALF, _INV6, _INV24, _INV120, _INV720 = range(12)
 _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _THRESHOLD, _ZERO = range(12, 22)
 _EXP_BIAS = np.int32(128)
+if _MATH_CONSTANTS.size != _ZERO + 1:  # _unpack lists every entry by hand
+    raise ImportError("cpu_kernel: _MATH_CONSTANTS and its index names disagree; update _unpack too.")
 
 
 @nb.njit(inline="always", **_JIT)
@@ -681,7 +683,7 @@ def _offset_silu(out, offset, consts):  # pragma: no cover - compiled
             row = out[b, i, j]
             for c in range(channels):
                 v = row[c] + shift[c]
-                row[c] = v / (k[_ONE] + _exp(-v, k))
+                row[c] = v * _sigmoid(v, k)
 
 
 def offset_silu(out: np.ndarray, offset: np.ndarray) -> None:
