@@ -28,6 +28,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from memmamba_plugins import pretrained
 
 from .evaluator import MultiClassEvaluator
 from .loss import DEFAULT_LOSS_WEIGHT, PyramidMambaLoss
@@ -39,6 +42,7 @@ from .torch_model import (
     DEFAULT_DEPTHS,
     DEFAULT_DIMS,
     DEFAULT_DROP_PATH,
+    DEFAULT_INPUT_SIZE,
     DEFAULT_LAYERS,
     DEFAULT_LEC_KERNELS,
     DEFAULT_MFF_BLOCKS,
@@ -48,8 +52,14 @@ from .torch_model import (
     PyramidMambaModel,
 )
 
-#: Paper optimiser: Adam, learning rate 5e-4, weight decay 1e-4.
-DEFAULT_LR = 5e-4
+#: Paper text's optimiser: Adam, learning rate 5e-4, weight decay 1e-4.
+PAPER_ADAM_LR = 5e-4
+#: Official code's optimiser: AdamW, learning rate 5e-3 per 16 images of a batch.
+CODE_ADAMW_LR_PER_16 = 5e-3
+#: The batch size that CODE_ADAMW_LR_PER_16 refers to.
+CODE_LR_BATCH = 16
+OPTIMIZERS = ("adam", "adamw")
+DEFAULT_OPTIMIZER = "adam"
 DEFAULT_WEIGHT_DECAY = 1e-4
 #: Official code's schedule: learning rate x0.1 at 80 % of the epochs.
 DEFAULT_LR_DECAY_AT = 0.8
@@ -69,8 +79,8 @@ class PyramidMamba(AnomalibModule):
         pre_trained: ImageNet weights for the encoder (paper: yes). Offline, pass ``weights_path``
             or ``pre_trained=False``.
         weights_path: local timm/torchvision checkpoint of ``backbone``.
-        input_size: square input side(s) for the default pre-processor (Resize + ImageNet
-            normalisation); ``None`` = 256x256. Ignored when a ``pre_processor`` is passed.
+        input_size: square input side(s) for the default pre-processor (Resize + the encoder's
+            pretrained normalisation); ``None`` = 256x256. Ignored when a ``pre_processor`` is passed.
         decoder_dims: decoder stage channels (512/256/128/64).
         decoder_depths: SS2D blocks per decoder stage (3/4/6/3).
         css_modules: CSS modules per stage (1/2/2/1).
@@ -86,10 +96,13 @@ class PyramidMamba(AnomalibModule):
         use_lec: ablation, ``False`` = no LEC branches.
         use_noise: ablation, ``False`` = no feature noise.
         loss_weight: weight of the summed multi-scale MSE (5).
-        lr: Adam learning rate (paper: 5e-4).
-        weight_decay: Adam weight decay (paper: 1e-4).
+        optimizer: ``"adam"`` (paper text) or ``"adamw"`` (official code).
+        lr: learning rate; ``None`` = the optimiser's published default: 5e-4 for Adam (paper),
+            5e-3 x batch / 16 for AdamW (code).
+        weight_decay: weight decay (paper and code: 1e-4).
         lr_decay_at: fraction of ``max_epochs`` after which the learning rate is multiplied by 0.1
             (official code: 0.8); ``None`` keeps it constant.
+        warmup_steps: optimiser steps of linear learning-rate warm-up (0: none).
         per_category_metrics: log ``<category>/<metric>`` and ``mean/<metric>`` besides the pooled
             metrics (only used by the default evaluator).
         pre_processor, post_processor, evaluator, visualizer: anomalib components, or ``True`` for
@@ -118,17 +131,20 @@ class PyramidMamba(AnomalibModule):
         use_lec: bool = True,
         use_noise: bool = True,
         loss_weight: float = DEFAULT_LOSS_WEIGHT,
-        lr: float = DEFAULT_LR,
+        optimizer: str = DEFAULT_OPTIMIZER,
+        lr: float | None = None,
         weight_decay: float = DEFAULT_WEIGHT_DECAY,
         lr_decay_at: float | None = DEFAULT_LR_DECAY_AT,
+        warmup_steps: int = 0,
         per_category_metrics: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True and input_size is not None:
-            pre_processor = self.configure_pre_processor(_as_size(input_size))
+        if pre_processor is True:
+            size = None if input_size is None else _as_size(input_size)
+            pre_processor = self.configure_pre_processor(size, backbone=backbone)
         # configure_evaluator is called by the base class before our attributes exist.
         self._per_category_default = per_category_metrics
         super().__init__(
@@ -163,11 +179,34 @@ class PyramidMamba(AnomalibModule):
             use_noise=use_noise,
         )
         self.loss = PyramidMambaLoss(loss_weight)
+        if optimizer not in OPTIMIZERS:
+            msg = f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}."
+            raise ValueError(msg)
+        if warmup_steps < 0:
+            msg = f"warmup_steps must be >= 0, got {warmup_steps}."
+            raise ValueError(msg)
+        self.optimizer_name = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
         self.lr_decay_at = lr_decay_at
+        self.warmup_steps = warmup_steps
 
     # -- anomalib components ------------------------------------------------------------------
+    @staticmethod
+    def configure_pre_processor(
+        image_size: tuple[int, int] | None = None, backbone: str = DEFAULT_BACKBONE
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (256x256) and normalise as the encoder's pretrained weights expect.
+
+        The statistics come from timm's pretrained config of ``backbone``: ImageNet mean/std for
+        ``resnet34``, ``[-1, 1]`` for ``tf_efficientnet_lite0``. The pre-processor is part of the
+        model, so training, ``predict`` and every exported model normalise alike.
+        """
+        mean, std = pretrained.normalization(backbone)
+        return PreProcessor(
+            transform=Compose([Resize(image_size or DEFAULT_INPUT_SIZE, antialias=True), Normalize(mean, std)])
+        )
+
     def configure_evaluator(self) -> Evaluator:
         """Image AUROC/AP/F1max and pixel AUROC/AP/F1max/AUPRO; per category and mean (paper Tab. 1-2)."""
         test_metrics = [
@@ -185,23 +224,58 @@ class PyramidMamba(AnomalibModule):
         return MultiClassEvaluator(test_metrics=test_metrics, per_category=per_category)
 
     # -- training -------------------------------------------------------------------------------
+    def learning_rate(self) -> float:
+        """``lr``, or the chosen optimiser's published default for the training batch size.
+
+        ``adam``: 5e-4 (paper text). ``adamw``: 5e-3 x batch / 16 (official code).
+        """
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer_name == "adam":
+            return PAPER_ADAM_LR
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        batch = getattr(datamodule, "train_batch_size", CODE_LR_BATCH)
+        return CODE_ADAMW_LR_PER_16 * batch / CODE_LR_BATCH
+
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam(lr 5e-4, weight decay 1e-4) on the trainable parts; x0.1 at 80 % of the epochs."""
+        """Adam or AdamW on the trainable parts; linear warm-up per step; x0.1 at 80 % of the epochs."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        max_epochs = getattr(self.trainer, "max_epochs", None) if self._trainer is not None else None
-        if self.lr_decay_at is None or not max_epochs or max_epochs < 0:
-            return {"optimizer": optimizer}
-        milestone = max(1, int(round(self.lr_decay_at * max_epochs)))
-        scheduler = optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=LR_DECAY_FACTOR)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        cls = optim.Adam if self.optimizer_name == "adam" else optim.AdamW
+        optimizer = cls(params, lr=self.learning_rate(), weight_decay=self.weight_decay)
+        config: dict[str, Any] = {"optimizer": optimizer}
+        total_steps = self._total_training_steps()
+        decay_step = None
+        if self.lr_decay_at is not None and total_steps:
+            decay_step = max(1, int(round(self.lr_decay_at * total_steps)))
+        if decay_step is None and not self.warmup_steps:
+            return config
+        warmup = self.warmup_steps
+
+        def factor(step: int) -> float:
+            scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            return scale * LR_DECAY_FACTOR if decay_step is not None and step >= decay_step else scale
+
+        config["lr_scheduler"] = {"scheduler": optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+        return config
+
+    def _total_training_steps(self) -> int | None:
+        """Optimiser steps of the whole fit, when the Trainer knows them (bounded ``max_epochs``)."""
+        if self._trainer is None:
+            return None
+        max_epochs = getattr(self.trainer, "max_epochs", None)
+        if not max_epochs or max_epochs < 0:
+            return None
+        steps = self.trainer.estimated_stepping_batches
+        return int(steps) if steps != float("inf") else None
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Multi-scale MSE between the frozen encoder's and the decoder's features."""
         del args, kwargs
         encoder_features, decoder_features = self.model(batch.image)
         loss = self.loss(encoder_features, decoder_features)
-        self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, logger=True)
+        self.log(
+            "train_loss", loss.detach(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(batch.image)
+        )
         return {"loss": loss}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -23,6 +23,7 @@ from anomalib.data import InferenceBatch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from memmamba_plugins import pretrained
 from memmamba_plugins.ssm import SS2D
 
 from .anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur2d
@@ -43,6 +44,8 @@ DEFAULT_NOISE_STD = 0.05
 DEFAULT_DROP_PATH = 0.2
 DEFAULT_MFF_BLOCKS = 3
 DEFAULT_BLUR_SIGMA = 4.0
+#: Std of the truncated-normal init of the decoder's Linear layers (official code).
+LINEAR_INIT_STD = 0.02
 #: ResNet bottleneck expansion used by the MFF's Bottleneck blocks.
 BOTTLENECK_EXPANSION = 4
 
@@ -111,7 +114,9 @@ def build_encoder(
     Args:
         backbone: any timm CNN that supports ``features_only``.
         layers: feature names (``feature_info.module_name()``) or indices.
-        pre_trained: load ImageNet weights from timm's hub (needs network or a warm cache).
+        pre_trained: load ImageNet weights: from a locally installed package where there is one
+            (``tf_efficientnet_lite0``, see :mod:`memmamba_plugins.pretrained`), else from timm's hub
+            (needs network or a warm cache).
         weights_path: a local timm or torchvision checkpoint of ``backbone``; wins over
             ``pre_trained`` and never touches the network.
 
@@ -134,6 +139,9 @@ def build_encoder(
         )
     if not pre_trained:
         return timm.create_model(backbone, pretrained=False, **kwargs)
+    overlay = pretrained.pretrained_cfg_overlay(backbone)
+    if overlay is not None:  # ImageNet weights installed from the package index: no network
+        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     try:
         with _offline_unless_hub_resolves():
             return timm.create_model(backbone, pretrained=True, **kwargs)
@@ -141,8 +149,9 @@ def build_encoder(
         msg = (
             f"Could not load the pre-trained ImageNet weights of {backbone!r} ({type(exc).__name__}: {exc}). "
             "The machine is probably offline. Either train without them with `pre_trained=False` "
-            "(`--model.pre_trained false`), or pass a local timm/torchvision checkpoint of the backbone "
-            "with `weights_path=<file>` (`--model.weights_path <file>`)."
+            "(`--model.pre_trained false`), pass a local timm/torchvision checkpoint of the backbone "
+            "with `weights_path=<file>` (`--model.weights_path <file>`), or use an encoder whose weights "
+            f"install offline (`--model.backbone tf_efficientnet_lite0`). {pretrained.missing_weights_hint(backbone)}"
         )
         raise PretrainedWeightsUnavailableError(msg) from exc
 
@@ -301,6 +310,32 @@ class PatchExpand(nn.Module):
         return self.norm(x)
 
 
+def module_drop_path_rates(num_modules: int, max_rate: float) -> list[float]:
+    """Stochastic-depth rate of each CSS module, coarsest first: ``max_rate`` down to 0.
+
+    The official code gives all blocks of a CSS module one rate and reverses the usual linear
+    ramp, so the coarse (8x8) modules, which hold most of the decoder's capacity, drop most.
+    """
+    if num_modules == 1:
+        return [float(max_rate)]
+    return torch.linspace(0, max_rate, num_modules).flip(0).tolist()
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    """Official code's init: Linear weights trunc-normal(0.02), zero biases; LayerNorm 1 / 0.
+
+    SS2D's scan parameters (``A``, ``D``, step sizes) are plain parameters, not Linear layers, so
+    they keep Mamba's initialisation.
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=LINEAR_INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class PyramidMambaDecoder(nn.Module):
     """Stages of CSS modules; every stage after the first starts with a :class:`PatchExpand`.
 
@@ -333,22 +368,22 @@ class PyramidMambaDecoder(nn.Module):
             if modules < 1 or depth % modules:
                 msg = f"Stage depth {depth} does not split into {modules} CSS modules of equal size."
                 raise ValueError(msg)
-        # Stochastic depth grows linearly over all SS2D blocks of the decoder (0 -> drop_path_rate).
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = module_drop_path_rates(sum(css_modules), drop_path_rate)
         self.expands = nn.ModuleList()
         self.stages = nn.ModuleList()
-        start = 0
+        module_index = 0
         for i, (dim, depth, modules) in enumerate(zip(dims, depths, css_modules, strict=True)):
             self.expands.append(PatchExpand(dims[i - 1]) if i > 0 else nn.Identity())
             per_module = depth // modules
             stage = []
-            for m in range(modules):
-                block_rates = rates[start + m * per_module : start + (m + 1) * per_module]
+            for _ in range(modules):
+                block_rates = [rates[module_index]] * per_module
                 stage.append(
                     CSSModule(dim, per_module, block_rates, d_state, expand, pyramid_levels, lec_kernels)
                 )
-            start += depth
+                module_index += 1
             self.stages.append(nn.Sequential(*stage))
+        self.apply(_init_linear_and_norm)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = x.permute(0, 2, 3, 1)  # SS2D and LayerNorm work channel-last
@@ -385,7 +420,8 @@ class PyramidMambaModel(nn.Module):
         pyramid_levels: PSS levels; level ``k`` scans ``2^k x 2^k`` sub-regions (paper: 2 levels).
         lec_kernels: depthwise kernels of the LEC branches (paper: 5, 7).
         noise_std: std of the Gaussian noise added to the bottleneck output in training (0.05).
-        drop_path_rate: stochastic depth, linear 0 -> rate over the decoder blocks (0.2).
+        drop_path_rate: stochastic depth of the coarsest CSS module, falling linearly to 0 at the
+            finest; one rate per module (official code: 0.2).
         mff_blocks: Bottleneck blocks in the MFF (3).
         blur_sigma: sigma of the Gaussian blur of the anomaly map (4).
         use_pyramid: ablation switch; ``False`` scans the whole map only (level 0).
