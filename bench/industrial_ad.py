@@ -140,6 +140,7 @@ def build_pm(args: argparse.Namespace, per_category: bool):
         optimizer=args.pm_optimizer,
         lr=args.pm_lr,
         lr_decay_at=None,
+        loss_type=args.pm_loss,
         evaluator=MultiClassEvaluator(test_metrics=test_metrics(), per_category=per_category),
         visualizer=False,
     )
@@ -191,9 +192,18 @@ def latency(model, size: int, repeats: int) -> float:
 # ------------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------------
-def engine(max_epochs: int, root_dir: str):
+def engine(max_epochs: int, root_dir: str, validate: bool):
+    """anomalib's Engine; ``validate`` runs anomalib's validation once, after the last epoch.
+
+    anomalib's metrics (torchmetrics) read scores outside [0, 1] as logits and squash them with a
+    sigmoid; scores of hundreds (PatchCore, Padim) then all become 1.0 and every AUROC 0.5 unless the
+    post-processor has normalised them with the min / max it collects during validation (anomalib's
+    default validates on the test set). Pyramid-Mamba's scores are cosine distances (0..2), where the
+    sigmoid is strictly monotonic, so its threshold-free metrics are exact without that pass.
+    """
     from anomalib.engine import Engine
 
+    val = {"check_val_every_n_epoch": max_epochs} if validate else {"limit_val_batches": 0}
     return Engine(
         max_epochs=max_epochs,
         accelerator="cpu",
@@ -202,7 +212,7 @@ def engine(max_epochs: int, root_dir: str):
         enable_progress_bar=False,
         default_root_dir=root_dir,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **val,
     )
 
 
@@ -218,7 +228,7 @@ def run_pm_multiclass(args, root: Path, categories: list[str], reference, record
     train_s, done, checkpoint = 0.0, 0, None
     with tempfile.TemporaryDirectory() as tmp:
         for epochs in args.pm_epochs:
-            eng = engine(epochs, tmp)
+            eng = engine(epochs, tmp, validate=False)
             start = time.perf_counter()
             eng.fit(model, datamodule=datamodule, ckpt_path=checkpoint)
             train_s += time.perf_counter() - start
@@ -245,7 +255,7 @@ def run_per_category(name: str, args, root: Path, categories: list[str], referen
             root=root, category=category, train_batch_size=args.batch, eval_batch_size=args.batch, num_workers=0
         )
         with tempfile.TemporaryDirectory() as tmp:
-            eng = engine(epochs, tmp)
+            eng = engine(epochs, tmp, validate=name != "pm_single")
             start = time.perf_counter()
             eng.fit(model, datamodule=datamodule)
             seconds = time.perf_counter() - start
@@ -304,6 +314,7 @@ def main() -> int:
     parser.add_argument("--pm-single-epochs", type=int, default=4)
     parser.add_argument("--pm-optimizer", default="adam", choices=("adam", "adamw"))
     parser.add_argument("--pm-lr", type=float, default=None)
+    parser.add_argument("--pm-loss", default="mse", choices=("mse", "cosine"))
     parser.add_argument("--stfpm-epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)

@@ -1,13 +1,14 @@
-"""CPU latency of Pyramid-Mamba (paper size) vs anomalib's ReverseDistillation (wide_resnet50_2).
+"""CPU latency of Pyramid-Mamba (paper size) vs anomalib's ReverseDistillation with the SAME encoder
+(resnet34) and with its default encoder (wide_resnet50_2).
 
-Both models are timed in the same process, interleaved (PM, RD, PM, RD, ...) so that load from
-other processes hits both alike; medians are reported. Inference: 256x256, batch 1, eval mode,
+All models are timed in the same process, interleaved (PM, RD-r34, RD-wrn50, PM, ...) so that load
+from other processes hits them alike; medians are reported. Inference: 256x256, batch 1, eval mode,
 the torch model's full output (anomaly map incl. up-sampling and blur, score). Training: one
 optimiser step (forward, backward, Adam step) at batch ``--train-batch``.
 
     python bench/pyramid_mamba_latency.py [--repeats 7] [--threads 2]
 
-The last line is ``ratio PM/RD inference: <x>``. The encoders start from random weights (no
+The last lines give the ratios PM / RD-resnet34 and PM / RD-wide_resnet50_2. The encoders start from random weights (no
 download); weights do not change the cost.
 """
 
@@ -21,6 +22,8 @@ from collections.abc import Callable
 import torch
 
 INPUT_SIZE = (256, 256)
+#: ReverseDistillation with Pyramid-Mamba's encoder (resnet34) and with anomalib's default encoder.
+RD_BACKBONES = ("resnet34", "wide_resnet50_2")
 WARMUP = 2
 
 
@@ -31,15 +34,16 @@ def build_models() -> dict[str, torch.nn.Module]:
 
     from memmamba_plugins.pyramid_mamba import PyramidMambaModel
 
-    pm = PyramidMambaModel(pre_trained=False, input_size=INPUT_SIZE)
-    rd = ReverseDistillationModel(
-        backbone="wide_resnet50_2",
-        input_size=INPUT_SIZE,
-        layers=["layer1", "layer2", "layer3"],
-        pre_trained=False,
-        anomaly_map_mode=AnomalyMapGenerationMode.ADD,  # anomalib's default
-    )
-    return {"PyramidMamba": pm, "ReverseDistillation": rd}
+    models: dict[str, torch.nn.Module] = {"PyramidMamba": PyramidMambaModel(pre_trained=False, input_size=INPUT_SIZE)}
+    for backbone in RD_BACKBONES:
+        models[f"RD-{backbone}"] = ReverseDistillationModel(
+            backbone=backbone,
+            input_size=INPUT_SIZE,
+            layers=["layer1", "layer2", "layer3"],
+            pre_trained=False,
+            anomaly_map_mode=AnomalyMapGenerationMode.ADD,  # anomalib's default
+        )
+    return models
 
 
 def infer_step(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], object]:
@@ -58,7 +62,7 @@ def train_step(name: str, model: torch.nn.Module, images: torch.Tensor) -> Calla
 
     from memmamba_plugins.pyramid_mamba.loss import PyramidMambaLoss
 
-    loss_fn = PyramidMambaLoss() if name == "PyramidMamba" else ReverseDistillationLoss()
+    loss_fn = PyramidMambaLoss() if name == "PyramidMamba" else ReverseDistillationLoss()  # RD-*
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=5e-4)
 
@@ -117,8 +121,10 @@ def main() -> None:
         )
         for name, seconds in train.items():
             print(f"train step {name}: {seconds:.3f} s (batch {args.train_batch})")
-        print(f"ratio PM/RD train step: {train['PyramidMamba'] / train['ReverseDistillation']:.2f}")
-    print(f"ratio PM/RD inference: {infer['PyramidMamba'] / infer['ReverseDistillation']:.2f}")
+        for backbone in RD_BACKBONES:
+            print(f"ratio PM/RD-{backbone} train step: {train['PyramidMamba'] / train[f'RD-{backbone}']:.2f}")
+    for backbone in RD_BACKBONES:
+        print(f"ratio PM/RD-{backbone} inference: {infer['PyramidMamba'] / infer[f'RD-{backbone}']:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,17 @@ import torch
 
 pytest.importorskip("anomalib")
 
-from test_pyramid_mamba import SIZE, TINY, make_mvtec_like  # noqa: E402
+from test_pyramid_mamba import (  # noqa: E402
+    LITE0_BACKBONE,
+    LITE0_LAYERS,
+    SIZE,
+    TINY,
+    make_mvtec_like,
+    pretrained_weights_installed,
+)
 
 from memmamba_plugins.pyramid_mamba import PyramidMamba  # noqa: E402
+from memmamba_plugins.pyramid_mamba.synthetic import DEFECT  # noqa: E402
 
 CATEGORIES = ("alpha", "beta")
 METRICS = (
@@ -140,11 +148,17 @@ def test_cli_train_then_test_from_checkpoint(dataset: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_onnx_export_matches_eager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder", ["resnet18", "lite0"])
+def test_onnx_export_matches_eager(tmp_path: Path, encoder: str) -> None:
+    """The exported graph holds the encoder's own normalisation ([-1, 1] for lite0) and the same maps."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     torch.manual_seed(0)
     tiny = {**TINY, "decoder_depths": (1, 1, 1, 1)}  # export time grows with the number of SS2D blocks
+    if encoder == "lite0":
+        if not pretrained_weights_installed():
+            pytest.skip("ImageNet lite0 weights not installed (the `lite0` extra)")
+        tiny.update(backbone=LITE0_BACKBONE, layers=LITE0_LAYERS, pre_trained=True)
     model = PyramidMamba(**tiny, input_size=SIZE, post_processor=False, visualizer=False).eval()
     path = model.to_onnx(tmp_path, input_size=(SIZE, SIZE))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -169,9 +183,9 @@ def test_anomalib_folder_datamodule_with_grey_images(dataset: Path, tmp_path: Pa
         name="grey_beta",
         root=dataset / "beta",  # the grey category
         normal_dir="train/good",
-        abnormal_dir="test/dent",
+        abnormal_dir=f"test/{DEFECT}",
         normal_test_dir="test/good",
-        mask_dir="ground_truth/dent",
+        mask_dir=f"ground_truth/{DEFECT}",
         train_batch_size=4,
         eval_batch_size=4,
         num_workers=0,
@@ -229,7 +243,7 @@ def test_cli_ddp_train_predict_heatmaps_and_onnx_export(dataset: Path, tmp_path:
         assert {metric, f"mean/{metric}", f"alpha/{metric}", f"beta/{metric}"} <= set(trained), metric
     checkpoint = sorted((tmp_path / "results").rglob("*.ckpt"))[-1]
 
-    defects = dataset / "alpha" / "test" / "dent"
+    defects = dataset / "alpha" / "test" / DEFECT
     _run(
         [
             *cli, "predict", "--model", "PyramidMamba", *model, "--ckpt_path", str(checkpoint),

@@ -88,6 +88,16 @@ class MVTec(AnomalibDataModule):
         self.categories = chosen
         self.category = ALL_CATEGORIES_NAME if sorted(chosen) == sorted(CATEGORIES) else "_".join(chosen)
 
+    @property
+    def name(self) -> str:
+        """The root folder's name (``MVTecAD``, ``industrial_ad``, ...).
+
+        anomalib's visualizer keeps the part of an image's path below the folder of this name, so
+        heat maps land in ``images/<category>/test/<defect>/`` and images of different categories
+        with the same file name never overwrite each other. It also names the results folder.
+        """
+        return self.root.resolve().name or type(self).__name__
+
     def _check_root(self) -> None:
         missing = [c for c in self.categories if not (self.root / c).is_dir()]
         if not missing:

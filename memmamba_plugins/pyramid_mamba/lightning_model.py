@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from memmamba_plugins import pretrained
 
 from .evaluator import MultiClassEvaluator
-from .loss import DEFAULT_LOSS_WEIGHT, PyramidMambaLoss
+from .loss import DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHT, PyramidMambaLoss
 from .torch_model import (
     DEFAULT_BACKBONE,
     DEFAULT_BLUR_SIGMA,
@@ -95,7 +95,8 @@ class PyramidMamba(AnomalibModule):
         use_pyramid: ablation, ``False`` = no pyramid (level 0 only).
         use_lec: ablation, ``False`` = no LEC branches.
         use_noise: ablation, ``False`` = no feature noise.
-        loss_weight: weight of the summed multi-scale MSE (5).
+        loss_weight: weight of the summed multi-scale loss (5).
+        loss_type: ``"mse"`` (paper) or ``"cosine"`` (``1 - cos``, what the anomaly map measures).
         optimizer: ``"adam"`` (paper text) or ``"adamw"`` (official code).
         lr: learning rate; ``None`` = the optimiser's published default: 5e-4 for Adam (paper),
             5e-3 x batch / 16 for AdamW (code).
@@ -131,6 +132,7 @@ class PyramidMamba(AnomalibModule):
         use_lec: bool = True,
         use_noise: bool = True,
         loss_weight: float = DEFAULT_LOSS_WEIGHT,
+        loss_type: str = DEFAULT_LOSS_TYPE,
         optimizer: str = DEFAULT_OPTIMIZER,
         lr: float | None = None,
         weight_decay: float = DEFAULT_WEIGHT_DECAY,
@@ -178,7 +180,7 @@ class PyramidMamba(AnomalibModule):
             use_lec=use_lec,
             use_noise=use_noise,
         )
-        self.loss = PyramidMambaLoss(loss_weight)
+        self.loss = PyramidMambaLoss(loss_weight, loss_type)
         if optimizer not in OPTIMIZERS:
             msg = f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}."
             raise ValueError(msg)
