@@ -456,3 +456,9 @@ def test_shipped_configs_build(config: Path) -> None:
     assert model.input_size == (args["input_size"], args["input_size"])
     assert set(spec["trainer"]) <= set(inspect.signature(Trainer).parameters)
     assert spec["trainer"]["check_val_every_n_epoch"] == spec["trainer"]["max_epochs"]  # one validation, at the end
+
+
+def test_blur_scales_with_the_input_size() -> None:
+    assert tm.blur_sigma_for((256, 256)) == 4.0 and tm.blur_sigma_for((128, 128)) == 2.0
+    assert tiny_model().blur.kernel_x.shape[-1] == 2 * int(4.0 * 1.0 + 0.5) + 1  # 64x64: sigma 1
+    assert isinstance(tiny_model(blur_sigma=0).blur, torch.nn.Identity)

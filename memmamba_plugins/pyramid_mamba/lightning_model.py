@@ -36,7 +36,6 @@ from .evaluator import MultiClassEvaluator
 from .loss import DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHT, PyramidMambaLoss
 from .torch_model import (
     DEFAULT_BACKBONE,
-    DEFAULT_BLUR_SIGMA,
     DEFAULT_CSS_MODULES,
     DEFAULT_D_STATE,
     DEFAULT_DEPTHS,
@@ -91,7 +90,7 @@ class PyramidMamba(AnomalibModule):
         noise_std: training feature noise std (0.05).
         drop_path_rate: stochastic depth over the decoder (0.2).
         mff_blocks: Bottleneck blocks in the MFF (3).
-        blur_sigma: anomaly-map Gaussian blur (4).
+        blur_sigma: anomaly-map Gaussian blur; ``None`` = 4 at 256x256, scaled with the input size.
         use_pyramid: ablation, ``False`` = no pyramid (level 0 only).
         use_lec: ablation, ``False`` = no LEC branches.
         use_noise: ablation, ``False`` = no feature noise.
@@ -127,7 +126,7 @@ class PyramidMamba(AnomalibModule):
         noise_std: float = DEFAULT_NOISE_STD,
         drop_path_rate: float = DEFAULT_DROP_PATH,
         mff_blocks: int = DEFAULT_MFF_BLOCKS,
-        blur_sigma: float = DEFAULT_BLUR_SIGMA,
+        blur_sigma: float | None = None,
         use_pyramid: bool = True,
         use_lec: bool = True,
         use_noise: bool = True,
