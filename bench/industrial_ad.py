@@ -36,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 # huggingface_hub reads these when it is imported: set them before any import of timm.
@@ -216,7 +215,7 @@ def engine(max_epochs: int, root_dir: str, validate: bool):
     )
 
 
-def run_pm_multiclass(args, root: Path, categories: list[str], reference, record: Callable) -> None:
+def run_pm_multiclass(args, root: Path, categories: list[str], reference) -> None:
     """One model over all categories, tested after each epoch count of ``--pm-epochs``."""
     from memmamba_plugins.pyramid_mamba import MVTec
 
@@ -243,7 +242,7 @@ def run_pm_multiclass(args, root: Path, categories: list[str], reference, record
     record_latency("pm", latency(model, args.size, args.latency_repeats))
 
 
-def run_per_category(name: str, args, root: Path, categories: list[str], reference, record: Callable) -> None:
+def run_per_category(name: str, args, root: Path, categories: list[str], reference) -> None:
     from anomalib.data import MVTecAD
 
     epochs = {"pm_single": args.pm_single_epochs, "stfpm": args.stfpm_epochs}.get(name, 1)
@@ -347,9 +346,9 @@ def main() -> int:
         for name in [m.strip() for m in args.models.split(",")]:
             seed_everything(args.seed, workers=True)
             if name == "pm":
-                run_pm_multiclass(args, root, categories, reference, record)
+                run_pm_multiclass(args, root, categories, reference)
             else:
-                run_per_category(name, args, root, categories, reference, record)
+                run_per_category(name, args, root, categories, reference)
             if args.json:
                 args.json.write_text(json.dumps(RESULTS, indent=1))
 

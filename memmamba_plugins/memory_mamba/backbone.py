@@ -17,6 +17,8 @@ from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
+from memmamba_plugins.ssm import init_linear_and_norm
+
 from .checkpoint import load_vmamba_pretrained
 from .memory import (
     DEFAULT_FUSION_SCALE,
@@ -45,8 +47,6 @@ SSM_CONV_BIAS = False
 MLP_RATIO = 4.0
 #: Keys a custom ``arch`` dict must carry.
 ARCH_KEYS: tuple[str, ...] = ("depths", "embed_dim")
-#: Std of the truncated-normal init of linear layers (ViT / VMamba convention).
-LINEAR_INIT_STD = 0.02
 
 
 class ChannelLastLayerNorm(nn.LayerNorm):
@@ -246,10 +246,10 @@ class MemoryMamba(BaseBackbone):
             )
         for i in self.out_indices:
             self.add_module(f"norm{i}", ChannelLastLayerNorm(self.dims[i]))
-        self.apply(self._init_module)
+        self.apply(init_linear_and_norm)
         for module in self.modules():
             if isinstance(module, MemSS2D):
-                module.reset_ssm_parameters()  # _init_module must not clobber Mamba's dt/A/D init
+                module.reset_ssm_parameters()  # the Linear init must not clobber Mamba's dt/A/D init
         self._freeze_stages()
 
     # -- construction helpers ----------------------------------------------------------------
@@ -275,16 +275,6 @@ class MemoryMamba(BaseBackbone):
                 raise ValueError(f"out_indices entry {index} is out of range for {self.num_stages} stages.")
             result.append(resolved)
         return tuple(result)
-
-    @staticmethod
-    def _init_module(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=LINEAR_INIT_STD)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     # -- mmengine / mmpretrain hooks ---------------------------------------------------------
     def init_weights(self) -> None:

@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from memmamba_plugins import pretrained
-from memmamba_plugins.ssm import SS2D
+from memmamba_plugins.ssm import LINEAR_INIT_STD, SS2D, init_linear_and_norm
 
 from .anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur2d
 
@@ -46,8 +46,6 @@ DEFAULT_MFF_BLOCKS = 3
 #: Gaussian blur of the anomaly map at the paper's 256x256 input; other sizes scale it (see blur_sigma_for).
 PAPER_BLUR_SIGMA = 4.0
 PAPER_INPUT_SIDE = 256
-#: Std of the truncated-normal init of the decoder's Linear layers (official code).
-LINEAR_INIT_STD = 0.02
 #: ResNet bottleneck expansion used by the MFF's Bottleneck blocks.
 BOTTLENECK_EXPANSION = 4
 
@@ -323,21 +321,6 @@ def module_drop_path_rates(num_modules: int, max_rate: float) -> list[float]:
     return torch.linspace(0, max_rate, num_modules).flip(0).tolist()
 
 
-def _init_linear_and_norm(module: nn.Module) -> None:
-    """Official code's init: Linear weights trunc-normal(0.02), zero biases; LayerNorm 1 / 0.
-
-    SS2D's scan parameters (``A``, ``D``, step sizes) are plain parameters, not Linear layers, so
-    they keep Mamba's initialisation.
-    """
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=LINEAR_INIT_STD)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class PyramidMambaDecoder(nn.Module):
     """Stages of CSS modules; every stage after the first starts with a :class:`PatchExpand`.
 
@@ -385,7 +368,7 @@ class PyramidMambaDecoder(nn.Module):
                 )
                 module_index += 1
             self.stages.append(nn.Sequential(*stage))
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)  # official code
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = x.permute(0, 2, 3, 1)  # SS2D and LayerNorm work channel-last
@@ -567,6 +550,7 @@ class PyramidMambaModel(nn.Module):
 
 __all__ = [
     "CSSModule",
+    "LINEAR_INIT_STD",
     "MFF",
     "PatchExpand",
     "PretrainedWeightsUnavailableError",

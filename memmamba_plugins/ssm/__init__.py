@@ -12,10 +12,21 @@ from .selective_scan import (
     selective_scan_orders,
     selective_scan_ref,
 )
-from .ss2d import DIRECTIONS, SS2D, check_region_size, cross_scan_orders, merge_regions, split_regions
+from .ss2d import (
+    DIRECTIONS,
+    LINEAR_INIT_STD,
+    SS2D,
+    check_region_size,
+    cross_scan_orders,
+    init_linear_and_norm,
+    merge_regions,
+    split_regions,
+)
 
 __all__ = [
     "DIRECTIONS",
+    "LINEAR_INIT_STD",
+    "init_linear_and_norm",
     "SS2D",
     "check_region_size",
     "cross_scan_orders",

@@ -412,3 +412,22 @@ class SS2D(nn.Module):
             f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
             f"pyramid_levels={self.pyramid_levels}, gated={self.gated}"
         )
+
+
+#: Std of the truncated-normal init of Linear layers in VMamba-style models (both official codes).
+LINEAR_INIT_STD = 0.02
+
+
+def init_linear_and_norm(module: nn.Module) -> None:
+    """VMamba-style init for ``model.apply``: Linear trunc-normal(0.02) with zero bias; LayerNorm 1 / 0.
+
+    SS2D's scan parameters (``A``, ``D``, step sizes) are plain parameters, not Linear layers, so
+    they keep Mamba's initialisation.
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=LINEAR_INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
