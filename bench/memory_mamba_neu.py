@@ -1,139 +1,176 @@
-"""NEU-CLS from scratch: MemoryMamba vs mmpretrain's ResNet-18 vs MemoryMamba with memories off.
+"""NEU-CLS from scratch through mmengine's Runner: MemoryMamba, its ablations and mmpretrain's ResNet-18.
 
-    .venv/bin/python bench/memory_mamba_neu.py [--data ../shared/data/neu_cls] [--arch tiny]
-        [--size 64] [--epochs 4] [--train-per-class 0] [--batch 32] [--lr 1e-3]
+    .venv/bin/python bench/memory_mamba_neu.py [--data ../shared/data/neu_cls] [--size 96]
+        [--epochs 30] [--seeds 0,1,2] [--models memorymamba,memory_off,resnet18]
+        [--arch '{"depths": [1, 1, 3, 1], "embed_dim": 32}'] [--resnet-width 32]
+        [--imbalance rolled-in_scale:0.7] [--balance] [--warmup-epochs 2] [--out results.jsonl]
 
-Identical budget and pipeline for every model: the same images (grey, loaded once, resized to
-``--size``, replicated to 3 channels, ImageNet-normalised), the same random horizontal flips,
-AdamW with the same lr and a linear decay, the same epochs and batch, the same seed (``--seed``,
-default 0) for weights, data order and flips. The paper's lr 2e-5 is a fine-tuning rate for
-pretrained weights; from scratch a larger rate is needed and is shared by all models. Metrics are
-ACC and macro F1 on the full val split (the paper's ACC / F1). Skips cleanly (exit 0) when the
-data folder is absent.
+Every model is trained by the same shipped recipe, ``configs/memorymamba_neu_scratch.py``
+(augmentation, AdamW + warm-up + cosine, label smoothing, batch, epochs), through
+``mmengine.runner.Runner`` exactly as ``mim train`` would; only ``model`` differs. ResNet-18 is
+mmpretrain's ``ResNet(depth=18)``; ``--resnet-width`` sets its stem/base width (64 is the standard
+11 M-parameter model, 32 a 2.8 M one of the reduced MemoryMamba's size). The score is ACC and
+macro-F1 (mmpretrain's ``Accuracy`` / ``SingleLabelMetric``) on the whole val split, from the last
+epoch's weights (no checkpoint selection on the reported split). Results are printed per run and
+as mean +- std over seeds, and appended to ``--out`` as JSON lines as soon as each run ends.
 
-The default ``--arch tiny`` is the paper-size model; on a 2-core CPU use e.g.
-``--arch '{"depths": [1, 1, 2, 1], "embed_dim": 32}' --size 48 --epochs 15``.
+Model variants (``--models``): ``memorymamba`` (paper defaults: coarse + fine memories, cosine
+fusion), ``memory_off`` (no memories, no memory losses), ``no_coarse``, ``no_fine``,
+``no_fusion`` (plain add), ``fusion_l1``, ``fusion_l2``, ``fusion_conv`` (the official code's
+spatial fusion), ``resnet18``.
+
+``--imbalance CLASS:FRACTION`` trains on a subset of train in which CLASS makes up FRACTION of the
+images (every other class keeps the same smaller count; val stays whole), the situation of
+Magnetic-tile's 70 % defect-free images. ``--balance`` then wraps the training set in mmpretrain's
+``ClassBalancedDataset``. Skips cleanly (exit 0) when the data folder is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import random
+import logging
+import math
+import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-import torch.nn.functional as F
-from mmpretrain.registry import MODELS
-from mmpretrain.structures import DataSample
-
-import memmamba_plugins.memory_mamba  # noqa: F401  (registers MemoryMamba)
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "neu_cls"
-IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # grey: mean of the RGB statistics
-DEFAULT_SEED = 0
-
-
-def load_split(
-    folder: Path, classes: list[str], size: int, per_class: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted((folder / name).glob("*"))
-        if per_class:
-            files = files[:per_class]
-        for path in files:
-            img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            images.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
-            labels.append(label)
-    x = torch.from_numpy(np.stack(images)).float().div_(255).sub_(IMAGENET_MEAN).div_(IMAGENET_STD)
-    return x[:, None].expand(-1, 3, -1, -1).contiguous(), torch.tensor(labels)
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "neu_cls"
+RECIPE = REPO / "configs" / "memorymamba_neu_scratch.py"
+DEFAULT_ARCH = '{"depths": [1, 1, 3, 1], "embed_dim": 32}'
+ACC_KEY, F1_KEY = "accuracy/top1", "single-label/f1-score"
+MODELS = (
+    "memorymamba",
+    "memory_off",
+    "no_coarse",
+    "no_fine",
+    "no_fusion",
+    "fusion_l1",
+    "fusion_l2",
+    "fusion_conv",
+    "resnet18",
+)
 
 
-def model_cfgs(arch: str | dict, num_classes: int) -> dict[str, dict]:
-    width = 8 * (
-        arch["embed_dim"] if isinstance(arch, dict) else {"tiny": 96, "small": 96, "base": 128}[arch]
-    )
-    memory = dict(
-        type="MemoryMambaClassifier",
-        backbone=dict(type="MemoryMamba", arch=arch, drop_path_rate=0.1),
-        neck=dict(type="GlobalAveragePooling"),
-        head=dict(
-            type="MemoryMambaClsHead",
-            num_classes=num_classes,
-            in_channels=width,
-            coarse_loss=dict(type="MemoryContrastiveLoss", margin=0.5, loss_weight=0.1),
-            fine_loss=dict(type="MemoryInfoNCELoss", temperature=0.5, loss_weight=0.05),
-        ),
-    )
-    off = json.loads(json.dumps(memory))
-    off["backbone"].update(coarse_slots=0, fine_slots=0)
-    resnet = dict(
-        type="ImageClassifier",
-        backbone=dict(type="ResNet", depth=18),
-        neck=dict(type="GlobalAveragePooling"),
-        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=512),
-    )
-    return {"memorymamba": memory, "memorymamba_memory_off": off, "resnet18": resnet}
-
-
-def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    scores = []
-    for k in range(num_classes):
-        tp = ((pred == k) & (target == k)).sum().item()
-        fp = ((pred == k) & (target != k)).sum().item()
-        fn = ((pred != k) & (target == k)).sum().item()
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores))
-
-
-def run(name: str, cfg: dict, data: dict, args: argparse.Namespace, num_classes: int) -> dict:
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    model = MODELS.build(cfg)
-    x_train, y_train = data["train"]
-    steps_per_epoch = (len(y_train) + args.batch - 1) // args.batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LinearLR(
-        optimizer, 1.0, 0.01, total_iters=args.epochs * steps_per_epoch
-    )
-    generator = torch.Generator().manual_seed(args.seed)  # same order and flips for every model
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(y_train), generator=generator)
-        flips = torch.rand(len(y_train), generator=generator) < 0.5
-        for i in range(steps_per_epoch):
-            idx = order[i * args.batch : (i + 1) * args.batch]
-            x = x_train[idx].clone()
-            x[flips[idx]] = x[flips[idx]].flip(-1)
-            samples = [DataSample().set_gt_label(int(k)) for k in y_train[idx]]
-            losses = model(x, samples, mode="loss")
-            loss = sum(losses.values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        print(
-            f"  {name} epoch {epoch + 1}: " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items()),
-            flush=True,
+def model_cfg(name: str, base: dict, arch: str | dict, resnet_width: int, num_classes: int) -> dict:
+    """The recipe's model with ``name``'s change (the arch and head width follow ``arch``)."""
+    model = copy.deepcopy(base)
+    if name == "resnet18":
+        return dict(
+            type="ImageClassifier",
+            backbone=dict(type="ResNet", depth=18, stem_channels=resnet_width, base_channels=resnet_width),
+            neck=dict(type="GlobalAveragePooling"),
+            head=dict(
+                type="LinearClsHead",
+                num_classes=num_classes,
+                in_channels=8 * resnet_width,
+                loss=copy.deepcopy(model["head"]["loss"]),
+            ),
         )
-    train_s = time.perf_counter() - start
-    model.eval()
-    x_val, y_val = data["val"]
-    with torch.inference_mode():
-        logits = torch.cat([model(x_val[i : i + 64], mode="tensor") for i in range(0, len(y_val), 64)])
-    pred = F.softmax(logits, -1).argmax(-1)
+    backbone, head = model["backbone"], model["head"]
+    backbone["arch"] = arch
+    head["in_channels"] = None  # follows the arch
+    head["num_classes"] = num_classes
+    if name in ("memory_off", "no_coarse"):
+        backbone["coarse_slots"], head["coarse_loss"] = 0, None
+    if name in ("memory_off", "no_fine"):
+        backbone["fine_slots"], head["fine_loss"] = 0, None
+    if name == "no_fusion":
+        backbone["use_fusion"] = False
+    if name in ("fusion_l1", "fusion_l2"):
+        backbone["similarity"] = name.split("_")[1]
+    if name == "fusion_conv":
+        backbone["fusion"] = "conv"
+    return model
+
+
+def imbalanced_copy(src: Path, dst: Path, majority: str, fraction: float) -> dict[str, int]:
+    """Symlink a train split in which ``majority`` is ``fraction`` of the images, val whole."""
+    classes = sorted(p.name for p in (src / "train").iterdir() if p.is_dir())
+    if majority not in classes:
+        raise SystemExit(f"--imbalance: class {majority!r} is not one of {classes}.")
+    files = {c: sorted((src / "train" / c).iterdir()) for c in classes}
+    n_major = len(files[majority])
+    n_minor = max(1, round(n_major * (1 - fraction) / fraction / (len(classes) - 1)))
+    counts = {}
+    for c in classes:
+        keep = files[c] if c == majority else files[c][:n_minor]
+        (dst / "train" / c).mkdir(parents=True)
+        for path in keep:
+            os.symlink(path.resolve(), dst / "train" / c / path.name)
+        counts[c] = len(keep)
+    os.symlink((src / "val").resolve(), dst / "val")
+    return counts
+
+
+def build_cfg(args: argparse.Namespace, name: str, seed: int, data_root: Path, work_dir: Path):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(RECIPE))
+    classes = sorted(p.name for p in (data_root / "train").iterdir() if p.is_dir())
+    arch = json.loads(args.arch) if args.arch.strip().startswith("{") else args.arch
+    cfg.model = model_cfg(name, cfg.model.to_dict(), arch, args.resnet_width, len(classes))
+    cfg.data_preprocessor.num_classes = len(classes)
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg[key]
+        loader.num_workers, loader.persistent_workers = 0, False  # the model uses both cores
+        loader.dataset.data_root = str(data_root)
+        for step in loader.dataset.pipeline:
+            if "scale" in step:
+                step["scale"] = args.size if step["type"] == "RandomResizedCrop" else (args.size, args.size)
+    cfg.train_dataloader.batch_size = args.batch
+    if args.balance:
+        cfg.train_dataloader.dataset = dict(
+            type="ClassBalancedDataset",
+            oversample_thr=1.0 / len(classes),
+            dataset=cfg.train_dataloader.dataset,
+        )
+    cfg.train_cfg.max_epochs = cfg.train_cfg.val_interval = args.epochs
+    warmup = cfg.param_scheduler[0]["end"] if args.warmup_epochs is None else args.warmup_epochs
+    warmup = min(warmup, args.epochs / 2)
+    if warmup > 0:
+        cfg.param_scheduler[0]["end"] = cfg.param_scheduler[1]["begin"] = warmup
+    else:
+        cfg.param_scheduler = cfg.param_scheduler[1:]
+        cfg.param_scheduler[0]["begin"] = 0
+    cfg.param_scheduler[-1]["end"] = args.epochs
+    cfg.optim_wrapper.optimizer.lr = args.lr * args.batch / cfg.auto_scale_lr.base_batch_size
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=args.epochs, max_keep_ckpts=1)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=20)
+    cfg.randomness = dict(seed=seed, deterministic=False)
+    cfg.work_dir = str(work_dir)
+    cfg.log_level = "WARNING"
+    return cfg
+
+
+def run_one(args: argparse.Namespace, name: str, seed: int, data_root: Path) -> dict:
+    from mmengine.runner import Runner
+
+    with tempfile.TemporaryDirectory() as work:
+        runner = Runner.from_cfg(build_cfg(args, name, seed, data_root, Path(work)))
+        start = time.perf_counter()
+        model = runner.train()
+        train_s = time.perf_counter() - start
+        metrics = runner.test()
     return dict(
-        acc=(pred == y_val).float().mean().item(),
-        f1=macro_f1(pred, y_val, num_classes),
+        model=name,
+        seed=seed,
+        acc=metrics[ACC_KEY] / 100,
+        f1=metrics[F1_KEY] / 100,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
         train_s=train_s,
     )
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
 def main() -> int:
@@ -141,42 +178,72 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--arch", default="tiny", help="preset name or a JSON dict with depths / embed_dim")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--arch", default=DEFAULT_ARCH, help="MemoryMamba preset name or JSON dict")
+    parser.add_argument(
+        "--resnet-width", type=int, default=32, help="ResNet-18 stem/base width (64 = standard)"
+    )
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-per-class", type=int, default=0, help="0 = all training images")
-    parser.add_argument("--models", default="memorymamba,memorymamba_memory_off,resnet18")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weights, data order and flips")
+    parser.add_argument("--lr", type=float, default=1e-3, help="for a batch of 32; scaled linearly")
+    parser.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--models", default="memorymamba,memory_off,resnet18")
+    parser.add_argument("--imbalance", default="", help="CLASS:FRACTION of the training images")
+    parser.add_argument("--balance", action="store_true", help="ClassBalancedDataset on the training set")
+    parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run")
     args = parser.parse_args()
     if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
         print(f"NEU-CLS not found under {args.data} (expected train/ and val/ class folders); skipping.")
         return 0
-    arch = json.loads(args.arch) if args.arch.strip().startswith("{") else args.arch
-    classes = sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir())
-    data = {
-        "train": load_split(args.data / "train", classes, args.size, args.train_per_class),
-        "val": load_split(args.data / "val", classes, args.size),
-    }
-    print(
-        f"NEU-CLS {len(classes)} classes, train {len(data['train'][1])}, val {len(data['val'][1])}, "
-        f"{args.size}px, {args.epochs} epochs, batch {args.batch}, AdamW lr {args.lr}, arch {arch}",
-        flush=True,
-    )
-    cfgs = model_cfgs(arch, len(classes))
-    results = {}
-    for name in args.models.split(","):
-        results[name] = run(name, cfgs[name], data, args, len(classes))
-        r = results[name]
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
+    import memmamba_plugins.memory_mamba  # noqa: F401  (registers MemoryMamba)
+
+    logging.getLogger("mmengine").setLevel(logging.WARNING)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data
+        if args.imbalance:
+            majority, fraction = args.imbalance.rsplit(":", 1)
+            data_root = Path(tmp) / "neu_imbalanced"
+            counts = imbalanced_copy(args.data, data_root, majority, float(fraction))
+            print(f"imbalanced train split: {counts}", flush=True)
         print(
-            f"{name}: ACC {r['acc']:.4f} macro-F1 {r['f1']:.4f} ({r['params_m']:.2f} M params, {r['train_s']:.0f} s)",
+            f"NEU-CLS {args.size}px, {args.epochs} epochs, batch {args.batch}, recipe {RECIPE.name}, "
+            f"arch {args.arch}, ResNet-18 width {args.resnet_width}, seeds {seeds}, balance {args.balance}",
             flush=True,
         )
-    print("| model | ACC | macro F1 | params (M) | train time (s) |")
+        results: dict[str, list[dict]] = {n: [] for n in names}
+        for seed in seeds:
+            for name in names:
+                r = run_one(args, name, seed, data_root)
+                r.update(
+                    size=args.size,
+                    epochs=args.epochs,
+                    imbalance=args.imbalance,
+                    balance=args.balance,
+                    warmup_epochs=args.warmup_epochs,
+                    arch=args.arch if name != "resnet18" else f"width {args.resnet_width}",
+                )
+                results[name].append(r)
+                print(
+                    f"{name} seed {seed}: ACC {r['acc']:.4f} macro-F1 {r['f1']:.4f} "
+                    f"({r['params_m']:.2f} M params, {r['train_s']:.0f} s)",
+                    flush=True,
+                )
+                if args.out:
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+    print(f"\n| model | ACC (mean ± std, {len(seeds)} seeds) | macro-F1 | params (M) | train s/run |")
     print("|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['acc']:.4f} | {r['f1']:.4f} | {r['params_m']:.2f} | {r['train_s']:.0f} |")
+    for name, runs in results.items():
+        print(
+            f"| {name} | {spread([r['acc'] for r in runs])} | {spread([r['f1'] for r in runs])} | "
+            f"{runs[0]['params_m']:.2f} | {statistics.fmean(r['train_s'] for r in runs):.0f} |"
+        )
     return 0
 
 

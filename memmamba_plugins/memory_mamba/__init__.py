@@ -11,12 +11,15 @@ from .classifier import MemoryMambaClassifier
 from .compat import CPUDistributedRunner, allow_mmengine_checkpoints
 from .datasets import DefectFolderDataset
 from .head import MemoryMambaClsHead
+from .hooks import ClassListCheckHook, PretrainedRequiredHook
 from .losses import MemoryContrastiveLoss, MemoryInfoNCELoss
-from .memory import SIMILARITIES, MemoryBank, MemoryState, MemSS2D, similarity
+from .memory import FUSIONS, SIMILARITIES, MemoryBank, MemoryState, MemSS2D, similarity
 
 __all__ = [
     "ARCH_SETTINGS",
     "CPUDistributedRunner",
+    "ClassListCheckHook",
+    "FUSIONS",
     "SIMILARITIES",
     "DefectFolderDataset",
     "LoadReport",
@@ -29,6 +32,7 @@ __all__ = [
     "MemoryMambaClassifier",
     "MemoryMambaClsHead",
     "MemoryState",
+    "PretrainedRequiredHook",
     "allow_mmengine_checkpoints",
     "load_vmamba_pretrained",
     "similarity",

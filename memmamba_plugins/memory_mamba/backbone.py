@@ -166,6 +166,8 @@ class MemoryMamba(BaseBackbone):
         fine_slots: fine memory size ``f`` (0 = no fine memory).
         use_fusion: similarity-weighted fusion (``False`` = plain add, the "w/o Fusion" ablation).
         similarity: ``"cosine"``, ``"l1"`` or ``"l2"``.
+        fusion: ``"vector"`` (the paper's Eqs. 19-22) or ``"conv"`` (the official code's spatial
+            ``Conv1x1(concat[Z, M])`` form); see :class:`~.memory.MemSS2D`.
         fusion_scale: factor on the fused read-outs.
         mem_hidden_ratio: query-MLP hidden width relative to the SS2D inner width.
         nce_dim: width of the InfoNCE projections.
@@ -192,6 +194,7 @@ class MemoryMamba(BaseBackbone):
         fine_slots: int = DEFAULT_SLOTS,
         use_fusion: bool = True,
         similarity: str = "cosine",
+        fusion: str = "vector",
         fusion_scale: float = DEFAULT_FUSION_SCALE,
         mem_hidden_ratio: float = DEFAULT_MEM_HIDDEN_RATIO,
         nce_dim: int = DEFAULT_NCE_DIM,
@@ -220,6 +223,7 @@ class MemoryMamba(BaseBackbone):
             fine_slots=fine_slots,
             use_fusion=use_fusion,
             similarity=similarity,
+            fusion=fusion,
             fusion_scale=fusion_scale,
             mem_hidden_ratio=mem_hidden_ratio,
             nce_dim=nce_dim,
@@ -253,6 +257,14 @@ class MemoryMamba(BaseBackbone):
         self._freeze_stages()
 
     # -- construction helpers ----------------------------------------------------------------
+    @classmethod
+    def output_channels(cls, arch: str | dict, out_indices: Sequence[int] | int = (-1,)) -> tuple[int, ...]:
+        """Channels of the outputs ``out_indices`` of a backbone of ``arch``, without building it."""
+        settings = cls._arch_settings(arch)
+        stages = len(settings["depths"])
+        indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
+        return tuple(int(settings["embed_dim"]) * 2 ** (i % stages) for i in indices)
+
     @classmethod
     def _arch_settings(cls, arch: str | dict) -> dict:
         if isinstance(arch, str):

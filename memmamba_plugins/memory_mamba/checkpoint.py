@@ -2,10 +2,10 @@
 
 The Mem-SSM block keeps VMamba's parameter names inside ``op`` (in_proj, conv2d, x_proj_weight,
 dt_projs_weight, dt_projs_bias, A_logs, Ds, out_norm, out_proj), so only the container names
-differ. The memory parts (``mem_conv``, ``coarse``, ``fine``, ``nce_*``) have no VMamba
-counterpart and stay freshly initialised. The mapping is checked against shapes: a tensor whose
-shape differs (another SS2D variant, a 4x4 patchify stem, another class count) is skipped and
-reported, never loaded.
+differ. The memory parts (``mem_conv``, ``coarse``, ``fine``, ``nce_*`` and, for
+``fusion="conv"``, ``fusion_convs``) have no VMamba counterpart and stay freshly initialised.
+The mapping is checked against shapes: a tensor whose shape differs (another SS2D variant, a 4x4
+patchify stem, another class count) is skipped and reported, never loaded.
 """
 
 from __future__ import annotations
@@ -37,7 +37,16 @@ VMAMBA_KEY_MAP: tuple[tuple[str, str], ...] = (
 #: Official final-norm names; they map onto our norm of the last stage when it is an output.
 VMAMBA_FINAL_NORMS: tuple[str, ...] = ("classifier.norm.", "norm.")
 #: Substrings of our parameter names that belong to the memories (fresh, never in VMamba).
-MEMORY_KEY_PARTS: tuple[str, ...] = (".mem_conv.", ".coarse.", ".fine.", ".nce_z.", ".nce_mem.")
+#: ``.fusion_convs.`` are the official-style 1x1 fusion convs of ``fusion="conv"``: fresh as well,
+#: not "missing" (checked against the official tiny's names in tests/test_memory_mamba_checkpoint.py).
+MEMORY_KEY_PARTS: tuple[str, ...] = (
+    ".mem_conv.",
+    ".coarse.",
+    ".fine.",
+    ".nce_z.",
+    ".nce_mem.",
+    ".fusion_convs.",
+)
 #: Wrappers under which checkpoints keep their weights.
 STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model", "model_ema")
 

@@ -9,6 +9,7 @@ extraction and everything else are ``ImageClassifier``'s, unchanged.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 from mmpretrain.models.classifiers import ImageClassifier
@@ -16,10 +17,43 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import Tensor
 
+from .backbone import MemoryMamba
+
+
+def _fill_head_width(backbone: dict, head: dict | None) -> dict | None:
+    """``head.in_channels=None`` becomes the width of the MemoryMamba backbone's last output stage."""
+    if not isinstance(head, dict) or head.get("in_channels", 0) is not None:
+        return head
+    if not isinstance(backbone, dict) or backbone.get("type") not in ("MemoryMamba", MemoryMamba):
+        raise ValueError(
+            "head.in_channels=None follows a MemoryMamba backbone's arch; set it for other backbones."
+        )
+    head = copy.deepcopy(head)
+    head["in_channels"] = MemoryMamba.output_channels(
+        backbone.get("arch", "tiny"), backbone.get("out_indices", (-1,))
+    )[-1]
+    return head
+
 
 @MODELS.register_module()
 class MemoryMambaClassifier(ImageClassifier):
-    """``ImageClassifier`` whose training loss includes the memory losses; same arguments."""
+    """``ImageClassifier`` whose training loss includes the memory losses; same arguments.
+
+    ``head.in_channels=None`` takes the width of the backbone's last output (768 for ``tiny`` and
+    ``small``, 1024 for ``base``); an explicit width that does not match a MemoryMamba backbone is
+    one clear error at construction instead of a shape error in the first step.
+    """
+
+    def __init__(self, backbone: dict, neck: dict | None = None, head: dict | None = None, **kwargs) -> None:
+        super().__init__(backbone=backbone, neck=neck, head=_fill_head_width(backbone, head), **kwargs)
+        width = getattr(self.head, "in_channels", None) if self.with_head else None
+        if isinstance(self.backbone, MemoryMamba) and isinstance(width, int):
+            expected = self.backbone.dims[self.backbone.out_indices[-1]]
+            if width != expected:
+                raise ValueError(
+                    f"head.in_channels={width} does not match the MemoryMamba backbone's last output width "
+                    f"{expected}; set head.in_channels={expected} or None (follows the arch)."
+                )
 
     def loss(self, inputs: Tensor, data_samples: list[DataSample]) -> dict[str, Tensor]:
         if "return_memory" not in inspect.signature(self.backbone.forward).parameters:

@@ -1,23 +1,55 @@
-"""A ``CustomDataset`` that fails early, with instructions, when its folder is missing."""
+"""A ``CustomDataset`` over class folders whose class list cannot shift between splits.
+
+mmpretrain's ``CustomDataset`` numbers the class folders it finds in each split on its own, so a
+class missing from ``val`` silently shifts every later label there. :class:`DefectFolderDataset`
+numbers every split by one class list: the config's ``classes`` if given, else the class folders of
+the training split (``class_split``).
+"""
 
 from __future__ import annotations
 
+import os
 import os.path as osp
 
+from mmengine.logging import MMLogger
 from mmpretrain.datasets import CustomDataset
+from mmpretrain.datasets.custom import get_samples
 from mmpretrain.registry import DATASETS
+
+#: The split whose class folders define the class list when the config gives none.
+DEFAULT_CLASS_SPLIT = "train"
+
+
+def class_folders(folder: str) -> list[str]:
+    """Sorted names of the sub-folders of ``folder`` (hidden ones skipped)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
 @DATASETS.register_module()
 class DefectFolderDataset(CustomDataset):
-    """``CustomDataset`` over ``<data_root>/<data_prefix>/<class>/*.jpg``, checking the folder exists.
+    """``CustomDataset`` over ``<data_root>/<data_prefix>/<class>/*.jpg`` with one class list for all splits.
 
-    Without the check a missing root surfaces deep inside mmengine as an empty or confusing error;
-    here it names the path and how to produce it (``tools/prepare_dataset.py``) or point the
-    config elsewhere (``--cfg-options``). Arguments are ``CustomDataset``'s.
+    Args:
+        data_root: dataset root holding the split folders.
+        data_prefix: the split folder (e.g. ``"train"``, ``"val"``) or ``dict(img_path=...)``.
+        classes: the class names in label order; ``None`` takes the class folders of
+            ``<data_root>/<class_split>`` (sorted), so train, val and test agree.
+        class_split: the split that defines the class list when ``classes`` is ``None``.
+        **kwargs: ``CustomDataset``'s other arguments (``ann_file``, ``pipeline``, ...).
+
+    Raises:
+        FileNotFoundError: the split folder does not exist (with how to build it).
+        ValueError: a split has a class folder that is not in the class list.
     """
 
-    def __init__(self, data_root: str = "", data_prefix: str | dict = "", **kwargs) -> None:
+    def __init__(
+        self,
+        data_root: str = "",
+        data_prefix: str | dict = "",
+        classes: list[str] | tuple[str, ...] | str | None = None,
+        class_split: str = DEFAULT_CLASS_SPLIT,
+        **kwargs,
+    ) -> None:
         prefix = data_prefix.get("img_path", "") if isinstance(data_prefix, dict) else data_prefix
         folder = osp.join(data_root, prefix) if data_root else prefix
         if not kwargs.get("ann_file") and not osp.isdir(folder):
@@ -28,4 +60,35 @@ class DefectFolderDataset(CustomDataset):
                 "train_dataloader.dataset.data_root=DST val_dataloader.dataset.data_root=DST "
                 "test_dataloader.dataset.data_root=DST`."
             )
-        super().__init__(data_root=data_root, data_prefix=data_prefix, **kwargs)
+        if classes is None and not kwargs.get("ann_file") and kwargs.get("with_label", True):
+            reference = osp.join(data_root, class_split) if data_root else ""
+            classes = class_folders(reference if osp.isdir(reference) else folder)
+        super().__init__(data_root=data_root, data_prefix=data_prefix, classes=classes, **kwargs)
+
+    def _find_samples(self) -> list[tuple[str, int]]:
+        """Samples of this split, labelled by the fixed class list (a missing class is allowed)."""
+        if not self.with_label:
+            return super()._find_samples()
+        classes = list(self.CLASSES)
+        present = class_folders(self.img_prefix)
+        unknown = [name for name in present if name not in classes]
+        if unknown:
+            raise ValueError(
+                f"{self.img_prefix!r} has class folders {unknown} that are not in the class list {classes} "
+                "(taken from the config's `classes` or the training split). Rename or remove them, or list "
+                "every class in `classes`."
+            )
+        folder_to_idx = {name: classes.index(name) for name in present}
+        samples, empty = get_samples(self.img_prefix, folder_to_idx, is_valid_file=self.is_valid_file)
+        if not samples:
+            raise RuntimeError(
+                f"Found no image in the class folders of {self.img_prefix!r}; "
+                f"supported extensions are {', '.join(self.extensions)}."
+            )
+        missing = sorted(set(classes) - set(present)) + sorted(empty or ())
+        if missing:
+            MMLogger.get_current_instance().warning(
+                f"{self.img_prefix!r} has no image of class(es) {missing}; the other labels are unchanged."
+            )
+        self.folder_to_idx = folder_to_idx
+        return samples

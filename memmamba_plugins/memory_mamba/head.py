@@ -29,8 +29,10 @@ class MemoryMambaClsHead(ClsHead):
 
     Args:
         num_classes: number of classes ``K``.
-        in_channels: width of the pooled backbone feature.
-        hidden_channels: hidden width of the MLP (Eq. 5); ``None`` for a single linear layer.
+        in_channels: width of the pooled backbone feature (``None`` only under
+            :class:`~.classifier.MemoryMambaClassifier`, which fills it in from the arch).
+        hidden_channels: hidden width of the MLP of Eq. 5 (Linear-GELU-Dropout-Linear); ``None``
+            for a single linear layer, as the official VMamba-based code.
         dropout: dropout before the last layer.
         loss: classification loss config.
         coarse_loss: config of :class:`~.losses.MemoryContrastiveLoss` or ``None`` to disable.
@@ -41,7 +43,7 @@ class MemoryMambaClsHead(ClsHead):
     def __init__(
         self,
         num_classes: int,
-        in_channels: int,
+        in_channels: int | None,
         hidden_channels: int | None = None,
         dropout: float = 0.0,
         loss: dict | None = None,
@@ -52,6 +54,11 @@ class MemoryMambaClsHead(ClsHead):
         super().__init__(loss=loss or {"type": "CrossEntropyLoss", "loss_weight": 1.0}, **kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}.")
+        if in_channels is None:
+            raise ValueError(
+                "in_channels=None is filled in from the backbone's arch by MemoryMambaClassifier; "
+                "under another classifier set head.in_channels to the backbone's output width."
+            )
         self.num_classes = num_classes
         self.in_channels = in_channels
         if hidden_channels:

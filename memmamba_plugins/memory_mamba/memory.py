@@ -22,6 +22,8 @@ from memmamba_plugins.ssm import SS2D
 
 #: Similarity functions of the fusion module compared in the paper (Sec. 5.5, Fig. 3).
 SIMILARITIES: tuple[str, ...] = ("cosine", "l1", "l2")
+#: Fusion forms: the paper's per-sample vector (Eqs. 19-22) and the official code's 1x1 conv.
+FUSIONS: tuple[str, ...] = ("vector", "conv")
 #: Scale of the fused memory read-outs added to Z (the official code adds ``0.1 * x_c' + 0.1 * x_f'``).
 DEFAULT_FUSION_SCALE = 0.1
 #: Memory slots per memory (the official code's M = 12, coarse and fine alike).
@@ -115,6 +117,14 @@ def _rename_sequential_query(state_dict: dict, prefix: str, *args) -> None:
 class MemSS2D(SS2D):
     """SS2D with the coarse/fine memories and the fusion module at its conditioning hook.
 
+    Two fusion forms are offered (``fusion``):
+
+    - ``"vector"`` (default), the paper's Eqs. 19-22: ``Z + s * sum_k beta_k M_k`` with
+      ``beta_k = sim(Pool(M_k), Pool(Z))``; the read-outs are vectors per sample, so this adds the
+      same offset at every position (and the CPU inference kernel fuses it into the conv).
+    - ``"conv"``, the official code's form: ``Z + s * sum_k beta_k Conv1x1([Z, M_k])``, which
+      varies over the map because the 1x1 conv also sees ``Z`` at every position.
+
     Args:
         d_model: block channels (see :class:`SS2D`).
         coarse_slots: coarse memory size ``c``; ``0`` removes the coarse memory (ablation "w/o CMN").
@@ -122,7 +132,8 @@ class MemSS2D(SS2D):
         use_fusion: weight the read-outs by their similarity to ``Z`` (Eqs. 19-22); ``False`` adds
             them unweighted (ablation "w/o Fusion").
         similarity: ``"cosine"``, ``"l1"`` or ``"l2"`` (Sec. 5.5).
-        fusion_scale: factor on the fused read-outs before the broadcast add to ``Z``.
+        fusion: ``"vector"`` (paper) or ``"conv"`` (official code), see above.
+        fusion_scale: factor ``s`` on the fused read-outs (the official code's 0.1).
         mem_hidden_ratio: hidden width of the query MLPs as a fraction of the inner width.
         nce_dim: width of the InfoNCE projections of ``Z`` and the fine read-out.
         **ss2d_kwargs: forwarded to :class:`SS2D`.
@@ -135,6 +146,7 @@ class MemSS2D(SS2D):
         fine_slots: int = DEFAULT_SLOTS,
         use_fusion: bool = True,
         similarity: str = "cosine",
+        fusion: str = "vector",
         fusion_scale: float = DEFAULT_FUSION_SCALE,
         mem_hidden_ratio: float = DEFAULT_MEM_HIDDEN_RATIO,
         nce_dim: int = DEFAULT_NCE_DIM,
@@ -143,9 +155,12 @@ class MemSS2D(SS2D):
         super().__init__(d_model, **ss2d_kwargs)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}.")
         d = self.d_inner
         self.similarity = similarity
         self.use_fusion = use_fusion
+        self.fusion = fusion
         self.fusion_scale = fusion_scale
         self.has_memory = coarse_slots > 0 or fine_slots > 0
         hidden = max(8, int(d * mem_hidden_ratio))
@@ -156,6 +171,12 @@ class MemSS2D(SS2D):
         self.mem_act = nn.GELU() if self.has_memory else None
         self.coarse = MemoryBank(d, coarse_slots, hidden) if coarse_slots > 0 else None
         self.fine = MemoryBank(d, fine_slots, hidden) if fine_slots > 0 else None
+        # the official fusion's Conv1x1(concat[Z, M_k]), one per memory
+        self.fusion_convs = (
+            nn.ModuleList(nn.Conv2d(2 * d, d, 1) for bank in (self.coarse, self.fine) if bank is not None)
+            if self.has_memory and use_fusion and fusion == "conv"
+            else None
+        )
         if self.fine is not None:
             # "Z_i and their memory representations M_f, processed through an MLP" (Sec. 4.3.2).
             self.nce_z = nn.Linear(d, nce_dim)
@@ -168,22 +189,16 @@ class MemSS2D(SS2D):
     def has_channel_offset(self) -> bool:  # type: ignore[override]
         return self.has_memory
 
-    def channel_offset(self, pooled: Tensor) -> Tensor | None:
-        """The fused memory read-outs for ``Z`` (Eqs. 16-22), added to every position of ``Z``.
+    def _condition_is_channel_offset(self) -> bool:
+        return self.fusion_convs is None
 
-        Args:
-            pooled: ``(B, D)`` spatial mean of ``Z``, ``Pooling(Z_i)`` of Eq. 20 (SS2D computes it).
-
-        Returns:
-            ``fusion_scale * sum_k beta_k M_k`` ``(B, D)``, or ``None`` without memories.
+    def read_memories(self, pooled: Tensor) -> list[Tensor]:
+        """The coarse / fine read-outs ``M_k`` ``(B, D)`` for pooled ``Z`` (Eqs. 14-18).
 
         The :class:`MemoryState` for the losses (with its InfoNCE projections) is built only when
         :attr:`record_state` is set -- the backbone sets it for ``return_memory=True`` -- so
         inference pays for the read-outs and the fusion only.
         """
-        self.last_state = None
-        if not self.has_memory:
-            return None
         z = pooled
         encoded = self.mem_act(self.mem_conv(z))
         state = MemoryState() if self.record_state else None
@@ -202,12 +217,44 @@ class MemSS2D(SS2D):
                 state.fine_z = self.nce_z(z)
                 state.fine_readout = self.nce_mem(readout)
         self.last_state = state
+        return readouts
+
+    def channel_offset(self, pooled: Tensor) -> Tensor | None:
+        """The vector-fused read-outs for ``Z`` (Eqs. 16-22), added to every position of ``Z``.
+
+        Args:
+            pooled: ``(B, D)`` spatial mean of ``Z``, ``Pooling(Z_i)`` of Eq. 20 (SS2D computes it).
+
+        Returns:
+            ``fusion_scale * sum_k beta_k M_k`` ``(B, D)``, or ``None`` without memories.
+        """
+        self.last_state = None
+        if not self.has_memory:
+            return None
         # Both read-outs are weighted and summed at once: at batch 1 the block's small operations
         # cost more in dispatch than in arithmetic, so they are kept few. A read-out is already a
         # vector per sample, so Pooling(M) (Eq. 19) is the identity.
-        stacked = torch.stack(readouts, dim=1)  # (B, memories, D)
+        stacked = torch.stack(self.read_memories(pooled), dim=1)  # (B, memories, D)
         if self.use_fusion:
-            fused = (similarity(stacked, z.unsqueeze(1), self.similarity) * stacked).sum(dim=1)
+            fused = (similarity(stacked, pooled.unsqueeze(1), self.similarity) * stacked).sum(dim=1)
         else:
             fused = stacked.sum(dim=1)
         return fused * self.fusion_scale
+
+    def condition(self, x: Tensor) -> Tensor:
+        """``Z`` ``(B, D, H, W)`` plus its fused memory read-outs (vector or official conv form)."""
+        if self.fusion_convs is None:
+            return super().condition(x)
+        self.last_state = None
+        pooled = x.mean(dim=(2, 3))
+        out = x
+        d = x.shape[1]
+        for conv, readout in zip(self.fusion_convs, self.read_memories(pooled)):
+            # Conv1x1 over [Z, M broadcast] = W_z * Z + (W_m M + b): the memory half is a vector,
+            # so the broadcast copy of M is never built.
+            w = conv.weight[:, :, 0, 0]
+            spatial = F.conv2d(x, w[:, :d, None, None])
+            vector = F.linear(readout, w[:, d:], conv.bias)
+            beta = similarity(readout, pooled, self.similarity)  # (B, 1)
+            out = out + (self.fusion_scale * beta)[:, :, None, None] * (spatial + vector[:, :, None, None])
+        return out

@@ -266,13 +266,17 @@ class SS2D(nn.Module):
         cpu_kernel.offset_silu(out.numpy(), offset.numpy())
         return out
 
+    def _condition_is_channel_offset(self) -> bool:
+        """Whether :meth:`condition` is the base one (a channel offset the fused kernel can add)."""
+        return type(self).condition is SS2D.condition
+
     def _fuses_conv(self, x: Tensor) -> bool:
         """Whether :meth:`_conv_offset_silu_fused` applies: numba backend, float32, no gradient needed.
 
         A subclass that overrides :meth:`condition` itself (rather than :meth:`channel_offset`)
         keeps the torch path, which calls it.
         """
-        if type(self).condition is not SS2D.condition:
+        if not self._condition_is_channel_offset():
             return False
         if x.dtype != torch.float32 or not self._uses_fused_kernel(x):
             return False

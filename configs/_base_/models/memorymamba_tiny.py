@@ -17,8 +17,8 @@ model = dict(
     head=dict(
         type="MemoryMambaClsHead",
         num_classes=1000,
-        in_channels=768,
-        hidden_channels=None,
+        in_channels=None,  # follows the arch (768 for tiny / small, 1024 for base)
+        hidden_channels=None,  # an int gives the MLP head of Eq. 5 (e.g. 512); None = linear
         loss=dict(type="CrossEntropyLoss", loss_weight=1.0),
         coarse_loss=dict(type="MemoryContrastiveLoss", margin=0.5, loss_weight=0.1),  # delta, lambda_c
         fine_loss=dict(type="MemoryInfoNCELoss", temperature=0.5, loss_weight=0.05),  # tau, lambda_f

@@ -29,3 +29,6 @@ val_cfg = dict()
 test_cfg = dict()
 # lr is for a total batch of 64; enable with `--auto-scale-lr` when training on another batch.
 auto_scale_lr = dict(base_batch_size=64)
+# Check at start that every split has the head's class list, and (a fine-tuning schedule) warn when
+# the backbone has no pretrained checkpoint.
+custom_hooks = [dict(type="ClassListCheckHook"), dict(type="PretrainedRequiredHook")]
