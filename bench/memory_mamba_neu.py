@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory_mamba_neu.py [--data ../shared/data/neu_cls] [--size 96]
         [--epochs 30] [--seeds 0,1,2] [--models memorymamba,memory_off,resnet18]
         [--arch '{"depths": [1, 1, 3, 1], "embed_dim": 32}'] [--resnet-width 32]
-        [--imbalance rolled-in_scale:0.7] [--balance] [--warmup-epochs 2] [--out results.jsonl]
+        [--imbalance rolled-in_scale:0.7] [--balance] [--warmup-epochs 2] [--drop-path 0.1] [--out results.jsonl]
 
 Every model is trained by the same shipped recipe, ``configs/memorymamba_neu_scratch.py``
 (augmentation, AdamW + warm-up + cosine, label smoothing, batch, epochs), through
@@ -115,6 +115,8 @@ def build_cfg(args: argparse.Namespace, name: str, seed: int, data_root: Path, w
     classes = sorted(p.name for p in (data_root / "train").iterdir() if p.is_dir())
     arch = json.loads(args.arch) if args.arch.strip().startswith("{") else args.arch
     cfg.model = model_cfg(name, cfg.model.to_dict(), arch, args.resnet_width, len(classes))
+    if args.drop_path is not None and name != "resnet18":
+        cfg.model.backbone.drop_path_rate = args.drop_path
     cfg.data_preprocessor.num_classes = len(classes)
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         loader = cfg[key]
@@ -141,10 +143,10 @@ def build_cfg(args: argparse.Namespace, name: str, seed: int, data_root: Path, w
     cfg.param_scheduler[-1]["end"] = args.epochs
     cfg.optim_wrapper.optimizer.lr = args.lr * args.batch / cfg.auto_scale_lr.base_batch_size
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=args.epochs, max_keep_ckpts=1)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=20)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=40)
     cfg.randomness = dict(seed=seed, deterministic=False)
     cfg.work_dir = str(work_dir)
-    cfg.log_level = "WARNING"
+    cfg.log_level = "INFO"  # the per-epoch losses go to the log; the summary lines are printed
     return cfg
 
 
@@ -186,6 +188,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="for a batch of 32; scaled linearly")
+    parser.add_argument("--drop-path", type=float, default=None, help="MemoryMamba's; default: the recipe's")
     parser.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--models", default="memorymamba,memory_off,resnet18")
@@ -226,6 +229,8 @@ def main() -> int:
                     imbalance=args.imbalance,
                     balance=args.balance,
                     warmup_epochs=args.warmup_epochs,
+                    drop_path=args.drop_path,
+                    lr=args.lr,
                     arch=args.arch if name != "resnet18" else f"width {args.resnet_width}",
                 )
                 results[name].append(r)

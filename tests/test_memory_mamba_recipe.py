@@ -184,12 +184,15 @@ def test_paper_schedule_without_checkpoint_warns() -> None:
     assert {"type": "PretrainedRequiredHook"} in cfg.custom_hooks
 
 
-def test_from_scratch_recipe_config() -> None:
-    cfg = Config.fromfile(str(REPO / "configs" / "memorymamba_neu_scratch.py"))
+@pytest.mark.parametrize(("name", "classes"), [("gc10", 10), ("neu", 6), ("mt", 6), ("aluminum", 4)])
+def test_from_scratch_recipe_configs(name: str, classes: int) -> None:
+    cfg = Config.fromfile(str(REPO / "configs" / f"memorymamba_{name}_scratch.py"))
+    assert cfg.model.head.num_classes == classes == cfg.data_preprocessor.num_classes
+    assert cfg.train_dataloader.dataset.data_root == f"data/{name}"
     assert cfg.optim_wrapper.optimizer.type == "AdamW"
     assert [s.type for s in cfg.param_scheduler] == ["LinearLR", "CosineAnnealingLR"]
     assert cfg.train_dataloader.dataset.pipeline[1].type == "RandomResizedCrop"
-    assert cfg.model.head.loss.type == "LabelSmoothLoss"
+    assert cfg.model.head.loss == {"type": "LabelSmoothLoss", "label_smooth_val": 0.1}
     assert all(h.type != "PretrainedRequiredHook" for h in cfg.custom_hooks)
     assert "save_best" not in cfg.default_hooks.checkpoint
     model = MODELS.build(cfg.model)

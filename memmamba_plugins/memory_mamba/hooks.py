@@ -14,8 +14,8 @@ from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmpretrain.registry import HOOKS
 
-#: The config to use instead of a fine-tuning schedule when no checkpoint is at hand.
-FROM_SCRATCH_CONFIG = "configs/memorymamba_neu_scratch.py"
+#: The configs to use instead of a fine-tuning schedule when no checkpoint is at hand.
+FROM_SCRATCH_CONFIG = "configs/memorymamba_<dataset>_scratch.py (e.g. configs/memorymamba_neu_scratch.py)"
 
 
 def _model(runner):
@@ -82,7 +82,7 @@ class PretrainedRequiredHook(Hook):
     counts as pretrained.
 
     Args:
-        from_scratch_config: the config named in the warning.
+        from_scratch_config: the config(s) named in the warning.
     """
 
     def __init__(self, from_scratch_config: str = FROM_SCRATCH_CONFIG) -> None:

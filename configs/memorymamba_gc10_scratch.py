@@ -1,0 +1,19 @@
+# MemoryMamba-tiny on GC10-DET (10 classes) from random weights: no VMamba checkpoint needed.
+#   mim train mmpretrain configs/memorymamba_gc10_scratch.py
+# The recipe (augmentation, AdamW + warm-up + cosine, label smoothing) is measured on NEU-CLS in
+# bench/memory_mamba_neu.py; see docs/memory_mamba.md. Data as configs/memorymamba_gc10.py.
+_base_ = [
+    "./_base_/models/memorymamba_tiny_scratch.py",
+    "./_base_/datasets/defect_folder_scratch.py",
+    "./_base_/schedules/memorymamba_scratch.py",
+    "./_base_/memorymamba_runtime.py",
+]
+
+num_classes = 10
+data_root = "data/gc10"
+
+model = dict(head=dict(num_classes=num_classes))
+data_preprocessor = dict(num_classes=num_classes)
+train_dataloader = dict(dataset=dict(data_root=data_root))
+val_dataloader = dict(dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
