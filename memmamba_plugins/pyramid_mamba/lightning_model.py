@@ -20,18 +20,21 @@ from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
+from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from memmamba_plugins import pretrained
 
+from .checkpoint import CheckedCheckpointIO, check_checkpoint_file
 from .evaluator import MultiClassEvaluator
 from .loss import DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHT, PyramidMambaLoss
 from .torch_model import (
@@ -49,6 +52,7 @@ from .torch_model import (
     DEFAULT_PYRAMID_LEVELS,
     DEFAULT_SSM_EXPAND,
     PyramidMambaModel,
+    check_images,
 )
 
 #: Paper text's optimiser: Adam, learning rate 5e-4, weight decay 1e-4.
@@ -67,6 +71,12 @@ LR_DECAY_FACTOR = 0.1
 DEFAULT_GRADIENT_CLIP = 5.0
 #: AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD convention).
 AUPRO_FPR_LIMIT = 0.3
+#: Suggested learning-rate cut when training diverges.
+LR_CUT_ON_DIVERGENCE = 10
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss (or NaN/Inf reached the decoder); training stops."""
 
 
 class PyramidMamba(AnomalibModule):
@@ -205,7 +215,9 @@ class PyramidMamba(AnomalibModule):
         """
         mean, std = pretrained.normalization(backbone)
         return PreProcessor(
-            transform=Compose([Resize(image_size or DEFAULT_INPUT_SIZE, antialias=True), Normalize(mean, std)])
+            transform=Compose(
+                [Resize(image_size or DEFAULT_INPUT_SIZE, antialias=True), Normalize(mean, std)]
+            )
         )
 
     def configure_evaluator(self) -> Evaluator:
@@ -256,7 +268,10 @@ class PyramidMamba(AnomalibModule):
             scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
             return scale * LR_DECAY_FACTOR if decay_step is not None and step >= decay_step else scale
 
-        config["lr_scheduler"] = {"scheduler": optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+        config["lr_scheduler"] = {
+            "scheduler": optim.lr_scheduler.LambdaLR(optimizer, factor),
+            "interval": "step",
+        }
         return config
 
     def _total_training_steps(self) -> int | None:
@@ -270,19 +285,108 @@ class PyramidMamba(AnomalibModule):
         return int(steps) if steps != float("inf") else None
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Multi-scale MSE between the frozen encoder's and the decoder's features."""
+        """Multi-scale MSE between the frozen encoder's and the decoder's features.
+
+        Raises:
+            NonFiniteLossError: when the loss is NaN/Inf, or NaN/Inf reaches the decoder's selective
+                scan (which refuses it) before there is a loss; the message names the step and the
+                likely causes. Lightning has no such check of its own (``terminate_on_nan`` is gone and
+                ``detect_anomaly`` only looks at the backward pass), so it happens here, on every device.
+        """
         del args, kwargs
-        encoder_features, decoder_features = self.model(batch.image)
+        encoder_features, decoder_features = self._run_model(batch.image)
         loss = self.loss(encoder_features, decoder_features)
+        # One host sync per step, as the progress bar's loss display already does.
+        if not bool(torch.isfinite(loss)):
+            cause = self._non_finite_cause(batch.image) or f"the loss is {loss.item()}"
+            raise NonFiniteLossError(self._divergence_message(cause))
         self.log(
-            "train_loss", loss.detach(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(batch.image)
+            "train_loss",
+            loss.detach(),
+            on_epoch=True,
+            prog_bar=True,
+            logger=True,
+            batch_size=len(batch.image),
         )
         return {"loss": loss}
+
+    def _run_model(self, images: torch.Tensor) -> Any:
+        """``self.model(images)``; NaN/Inf that the selective scan refuses becomes :class:`NonFiniteLossError`."""
+        try:
+            return self.model(images)
+        except ValueError as exc:
+            cause = self._non_finite_cause(images)
+            if cause is None:  # a ValueError about something else: leave it as it is
+                raise
+            raise NonFiniteLossError(self._divergence_message(cause)) from exc
+
+    def _non_finite_cause(self, images: torch.Tensor) -> str | None:
+        """Where NaN/Inf comes from, in words; ``None`` when the forward pass is finite throughout.
+
+        In order: the batch, the trainable weights, or the first layer whose output overflows (the
+        weights are finite but huge).
+        """
+        if not bool(torch.isfinite(images).all()):
+            return "the input batch holds NaN/Inf pixels"
+        diverged = [
+            name
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and not bool(torch.isfinite(p).all())
+        ]
+        if diverged:
+            return f"{len(diverged)} weight tensors hold NaN/Inf (first: {diverged[0]}), so an earlier update diverged"
+        # Weights can be finite but so large that an activation overflows; a hooked re-run (only on this
+        # failure path, without gradients) names the first module whose output is not finite.
+        culprits: list[str] = []
+
+        def record(name: str) -> Any:
+            def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+                if (
+                    not culprits
+                    and isinstance(output, torch.Tensor)
+                    and not bool(torch.isfinite(output).all())
+                ):
+                    culprits.append(name)
+
+            return hook
+
+        handles = [
+            module.register_forward_hook(record(name)) for name, module in self.model.named_modules() if name
+        ]
+        try:
+            with torch.no_grad():
+                self.model(images)
+        except ValueError:  # the selective scan refuses the non-finite input again, after the hook saw it
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if culprits:
+            return f"the output of {culprits[0]} overflowed to NaN/Inf although the weights are finite (they grew too large)"
+        return None
+
+    def _divergence_message(self, cause: str) -> str:
+        trainer = self._trainer
+        optimizers = trainer.optimizers if trainer is not None else []
+        lr = optimizers[0].param_groups[0]["lr"] if optimizers else self.learning_rate()
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        where = (
+            f"PyramidMamba training diverged at epoch {self.current_epoch}, after {self.global_step} optimizer steps"
+            if fitting
+            else "PyramidMamba's weights do not give finite outputs (they come from a training run that diverged)"
+        )
+        return (
+            f"{where}: {cause}. Likely causes: a learning rate too high for this data (lr {lr:g}; try "
+            f"`--model.lr {lr / LR_CUT_ON_DIVERGENCE:g}`), gradient clipping switched off (the default clips at "
+            f"norm {DEFAULT_GRADIENT_CLIP:g}; see `--trainer.gradient_clip_val`), or inputs on the wrong scale "
+            "(images must be floats in [0, 1] normalised by the model's pre-processor: a custom pre_processor "
+            "without Normalize, 0-255 pixels or NaN pixels in the data all do this). Fix that and train again."
+        )
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps and scores for the evaluator."""
         del args, kwargs
-        predictions = self.model(batch.image)
+        predictions = self._run_model(batch.image)
         return batch.update(**predictions._asdict())
 
     @property
@@ -304,6 +408,39 @@ class PyramidMamba(AnomalibModule):
         if gradient_clip_val is None:
             gradient_clip_val, gradient_clip_algorithm = DEFAULT_GRADIENT_CLIP, "norm"
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # -- bad input --------------------------------------------------------------------------------
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
+        """anomalib's pipeline (pre-processor, model, post-processor) on a ``(B, 3, H, W)`` batch.
+
+        The batch is checked before the pre-processor, whose ``Normalize`` would otherwise fail on 4
+        channels with a broadcasting error (and silently broadcast 1 channel).
+        """
+        check_images(batch)
+        return super().forward(batch, *args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        """Check ``--ckpt_path`` files before Lightning loads them (see :mod:`.checkpoint`).
+
+        The Trainer hands the path only to its checkpoint IO, after this hook; so the
+        :class:`AnomalibCheckpointIO` that anomalib's Engine installs is swapped for a subclass that
+        checks the file first and otherwise loads exactly as anomalib does (same allow-list, same
+        ``weights_only``). A checkpoint IO that the user configured is left alone.
+        """
+        super().setup(stage)
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is AnomalibCheckpointIO:
+            strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io.extra_safe_globals)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> PyramidMamba:
+        """anomalib's ``load_from_checkpoint``, after :func:`~.checkpoint.check_checkpoint_file`.
+
+        Raises:
+            CorruptCheckpointError: the file is truncated or corrupt (named in the message).
+        """
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @property
     def learning_type(self) -> LearningType:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -48,6 +49,11 @@ PAPER_BLUR_SIGMA = 4.0
 PAPER_INPUT_SIDE = 256
 #: ResNet bottleneck expansion used by the MFF's Bottleneck blocks.
 BOTTLENECK_EXPANSION = 4
+#: Images are RGB: the ImageNet encoders' first convolution takes three channels.
+IMAGE_CHANNELS = 3
+#: Inputs of another size are resized as the pre-processor's ``Resize(antialias=True)`` does on tensors,
+#: so a model fed raw-sized images gives the same scores as one fed pre-processed images.
+RESIZE_MODE = "bilinear"
 
 
 #: Host of timm's pre-trained weights.
@@ -397,6 +403,29 @@ def valid_input_sizes(unit: int, limit: int = 1024) -> list[int]:
     return list(range(unit, limit + 1, unit))
 
 
+def check_images(images: Tensor) -> None:
+    """Refuse anything but a ``(B, 3, H, W)`` batch, before a convolution fails with its own message.
+
+    Raises:
+        ValueError: naming the shape that came in and how to make RGB batches of it.
+    """
+    if images.dim() != 4:
+        msg = (
+            f"Pyramid-Mamba expects a batch of images shaped (batch, {IMAGE_CHANNELS}, height, width), got shape "
+            f"{tuple(images.shape)}. Add the batch dimension of a single image with `image.unsqueeze(0)`."
+        )
+        raise ValueError(msg)
+    channels = images.shape[1]
+    if channels != IMAGE_CHANNELS:
+        msg = (
+            f"Pyramid-Mamba expects {IMAGE_CHANNELS}-channel RGB images, got {channels} channel(s) (batch shape "
+            f"{tuple(images.shape)}). Convert grey images to RGB, e.g. `images.expand(-1, {IMAGE_CHANNELS}, -1, -1)` "
+            "for a (B, 1, H, W) batch or `PIL.Image.open(path).convert('RGB')` when reading; drop an alpha "
+            f"channel with `images[:, :{IMAGE_CHANNELS}]`. anomalib's datasets already read every file as RGB."
+        )
+        raise ValueError(msg)
+
+
 class PyramidMambaModel(nn.Module):
     """Pyramid-Mamba: frozen encoder, MFF, feature noise, pyramid Mamba decoder (paper Fig. 1).
 
@@ -405,7 +434,10 @@ class PyramidMambaModel(nn.Module):
         layers: encoder features compared with the decoder, finest first (paper: layer1-3).
         pre_trained: ImageNet weights for the encoder (paper: yes). Offline, use ``weights_path``.
         weights_path: local timm/torchvision checkpoint of ``backbone``; never touches the network.
-        input_size: ``(H, W)`` of the pre-processed images; validated against the pyramid.
+        input_size: ``(H, W)`` the network runs at; validated against the pyramid. Inputs of another
+            size are resized to it (bilinear, antialiased: what the pre-processor's ``Resize`` does) and
+            the anomaly map comes back at the input's size, as anomalib's PatchCore, PaDiM and STFPM
+            return maps at their input's size.
         decoder_dims: channels of the decoder stages, coarsest first (paper: 512/256/128/64).
         decoder_depths: SS2D blocks per stage (paper: 3/4/6/3).
         css_modules: CSS modules per stage; each gets ``depth / modules`` blocks (code: 1/2/2/1).
@@ -484,7 +516,9 @@ class PyramidMambaModel(nn.Module):
         )
         self.anomaly_map_generator = AnomalyMapGenerator(self.input_size)
         sigma = blur_sigma_for(self.input_size) if blur_sigma is None else float(blur_sigma)
-        self.blur: nn.Module = SeparableGaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
+        self.blur: nn.Module = (
+            SeparableGaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
+        )
 
     def _check_input_size(self, reductions: Sequence[int]) -> None:
         for fine, coarse in zip(reductions, reductions[1:], strict=False):
@@ -529,13 +563,28 @@ class PyramidMambaModel(nn.Module):
         return outputs[::-1]
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]] | InferenceBatch:
-        """Training: ``(encoder_features, decoder_features)``; eval: ``InferenceBatch``."""
+        """Training: ``(encoder_features, decoder_features)``; eval: ``InferenceBatch``.
+
+        ``images`` is a ``(B, 3, H, W)`` batch, normalised for the encoder. When ``(H, W)`` is not the
+        built ``input_size``, the batch is resized to it first and the anomaly map is resized back to
+        ``(H, W)``; the score is the maximum of the map at ``input_size``, so it equals the score of the
+        same images resized by the pre-processor.
+
+        Raises:
+            ValueError: for a batch that is not ``(B, 3, H, W)`` (see :func:`check_images`).
+        """
+        check_images(images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode=RESIZE_MODE, antialias=True)
         features = self.encode(images)
         reconstructions = self.reconstruct(features)
         if self.training:
             return features, reconstructions
         anomaly_map = self.blur(self.anomaly_map_generator(features, reconstructions))
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
+        if size != self.input_size:
+            anomaly_map = F.interpolate(anomaly_map, size=size, mode=RESIZE_MODE, antialias=True)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def num_parameters(self) -> dict[str, int]:
@@ -557,5 +606,6 @@ __all__ = [
     "PyramidMambaDecoder",
     "PyramidMambaModel",
     "build_encoder",
+    "check_images",
     "valid_input_sizes",
 ]
