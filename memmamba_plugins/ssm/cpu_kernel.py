@@ -37,8 +37,22 @@ the tests); float64 inputs go to the pure-PyTorch path instead.
 
 from __future__ import annotations
 
-import numba as nb
-import numpy as np
+import os
+import sys
+
+import torch
+
+# numba's OpenMP pool is created with NUMBA_NUM_THREADS threads (default: every core) the first
+# time a parallel kernel runs, and its idle threads spin-wait between kernels even when fewer are
+# asked for. Two processes on two cores with one torch thread each (CPU DDP, parallel jobs) then
+# ran ~6x slower per step than one alone. Sizing the pool like torch's intra-op pool (which follows
+# OMP_NUM_THREADS) before numba starts keeps the processes out of each other's way; an explicit
+# NUMBA_NUM_THREADS, or numba already imported by someone else, is left alone.
+if "NUMBA_NUM_THREADS" not in os.environ and "numba" not in sys.modules:
+    os.environ["NUMBA_NUM_THREADS"] = str(max(1, torch.get_num_threads()))
+
+import numba as nb  # noqa: E402  (after sizing its thread pool)
+import numpy as np  # noqa: E402
 
 #: Granule of the channel blocks (four AVX2 / two AVX-512 registers of float32): ``Dg`` is padded
 #: to a multiple of it, and every block width is one.
