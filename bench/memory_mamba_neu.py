@@ -4,6 +4,7 @@
         [--epochs 30] [--seeds 0,1,2] [--models memorymamba,memory_off,resnet18]
         [--arch '{"depths": [1, 1, 3, 1], "embed_dim": 32}'] [--resnet-width 32]
         [--imbalance rolled-in_scale:0.7] [--balance] [--warmup-epochs 2] [--drop-path 0.1] [--out results.jsonl]
+    .venv/bin/python bench/memory_mamba_neu.py --summary results.jsonl [more.jsonl ...]
 
 Every model is trained by the same shipped recipe, ``configs/memorymamba_neu_scratch.py``
 (augmentation, AdamW + warm-up + cosine, label smoothing, batch, epochs), through
@@ -12,7 +13,8 @@ mmpretrain's ``ResNet(depth=18)``; ``--resnet-width`` sets its stem/base width (
 11 M-parameter model, 32 a 2.8 M one of the reduced MemoryMamba's size). The score is ACC and
 macro-F1 (mmpretrain's ``Accuracy`` / ``SingleLabelMetric``) on the whole val split, from the last
 epoch's weights (no checkpoint selection on the reported split). Results are printed per run and
-as mean +- std over seeds, and appended to ``--out`` as JSON lines as soon as each run ends.
+as mean +- std over seeds, and appended to ``--out`` as JSON lines as soon as each run ends;
+``--summary`` prints the tables of such files (runs of one setting and model pooled over seeds).
 
 Model variants (``--models``): ``memorymamba`` (paper defaults: coarse + fine memories, cosine
 fusion), ``memory_off`` (no memories, no memory losses), ``no_coarse``, ``no_fine``,
@@ -175,6 +177,38 @@ def spread(values: list[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
+def print_table(results: dict[str, list[dict]]) -> None:
+    print("\n| model | ACC (mean ± std over seeds) | macro-F1 | seeds | params (M) | train s/run |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        print(
+            f"| {name} | {spread([r['acc'] for r in runs])} | {spread([r['f1'] for r in runs])} | "
+            f"{','.join(str(r['seed']) for r in runs)} | {runs[0]['params_m']:.2f} | "
+            f"{statistics.fmean(r['train_s'] for r in runs):.0f} |"
+        )
+
+
+def summarize(paths: list[Path]) -> int:
+    """Mean +- std per (setting, model) over the JSON lines of earlier runs."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            setting = (
+                f"{r.get('size')}px {r.get('epochs')} epochs"
+                + (f", imbalance {r['imbalance']}" if r.get("imbalance") else "")
+                + (", class-balanced sampling" if r.get("balance") else "")
+                + (f", warm-up {r['warmup_epochs']}" if r.get("warmup_epochs") is not None else "")
+                + (f", drop path {r['drop_path']}" if r.get("drop_path") is not None else "")
+                + (f", lr {r['lr']}" if r.get("lr") not in (None, 1e-3) else "")
+            )
+            groups.setdefault(setting, {}).setdefault(r["model"], []).append(r)
+    for setting, results in groups.items():
+        print(f"\n{setting}")
+        print_table(results)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,7 +229,10 @@ def main() -> int:
     parser.add_argument("--imbalance", default="", help="CLASS:FRACTION of the training images")
     parser.add_argument("--balance", action="store_true", help="ClassBalancedDataset on the training set")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run")
+    parser.add_argument("--summary", type=Path, nargs="+", help="only print tables of earlier --out files")
     args = parser.parse_args()
+    if args.summary:
+        return summarize(args.summary)
     if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
         print(f"NEU-CLS not found under {args.data} (expected train/ and val/ class folders); skipping.")
         return 0
@@ -242,13 +279,7 @@ def main() -> int:
                 if args.out:
                     with args.out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
-    print(f"\n| model | ACC (mean ± std, {len(seeds)} seeds) | macro-F1 | params (M) | train s/run |")
-    print("|---|---|---|---|---|")
-    for name, runs in results.items():
-        print(
-            f"| {name} | {spread([r['acc'] for r in runs])} | {spread([r['f1'] for r in runs])} | "
-            f"{runs[0]['params_m']:.2f} | {statistics.fmean(r['train_s'] for r in runs):.0f} |"
-        )
+    print_table(results)
     return 0
 
 
