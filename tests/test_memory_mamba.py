@@ -21,7 +21,7 @@ from memmamba_plugins.memory_mamba.checkpoint import (
     load_vmamba_pretrained,
     synthetic_vmamba_state_dict,
 )
-from memmamba_plugins.memory_mamba.compat import restricted_getattr
+from memmamba_plugins.memory_mamba.compat import mmengine_safe_globals, restricted_getattr
 from memmamba_plugins.memory_mamba.losses import info_nce, margin_contrastive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,18 +318,20 @@ class _Evil:
 
 
 def test_weights_only_loads_history_buffers_but_not_arbitrary_getattr() -> None:
+    """Inside the plugin's scoped allow-list (its loads, mmengine's through its loader); see test_checkpoint_safety."""
     buffer = HistoryBuffer()
     buffer.update(1.5)
     blob = io.BytesIO()
     torch.save({"message_hub": {"loss": buffer}, "w": torch.ones(2)}, blob)
     blob.seek(0)
-    loaded = torch.load(blob, weights_only=True)
+    with mmengine_safe_globals():
+        loaded = torch.load(blob, weights_only=True)
     assert loaded["message_hub"]["loss"].current() == 1.5
 
     blob = io.BytesIO()
     torch.save({"x": _Evil()}, blob)
     blob.seek(0)
-    with pytest.raises(Exception, match="Refusing getattr"):
+    with pytest.raises(Exception, match="Refusing getattr"), mmengine_safe_globals():
         torch.load(blob, weights_only=True)
     with pytest.raises(Exception, match="Refusing"):
         restricted_getattr(torch, "load")

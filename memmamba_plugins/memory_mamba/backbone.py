@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from memmamba_plugins.ssm import init_linear_and_norm
 
-from .checkpoint import load_vmamba_pretrained
+from .checkpoint import load_vmamba_pretrained, read_checkpoint, require_enough_loaded
 from .memory import (
     DEFAULT_FUSION_SCALE,
     DEFAULT_MEM_HIDDEN_RATIO,
@@ -47,6 +47,8 @@ SSM_CONV_BIAS = False
 MLP_RATIO = 4.0
 #: Keys a custom ``arch`` dict must carry.
 ARCH_KEYS: tuple[str, ...] = ("depths", "embed_dim")
+#: Down-sampling of the stem (two stride-2 convs); every later stage halves the map again.
+PATCH_STRIDE = 4
 
 
 class ChannelLastLayerNorm(nn.LayerNorm):
@@ -178,7 +180,13 @@ class MemoryMamba(BaseBackbone):
         conv_bias: bias of SS2D's depthwise conv (off in the official models).
         ss2d_cfg: further :class:`~memmamba_plugins.ssm.SS2D` keyword arguments.
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=...)`` loads a VMamba
-            checkpoint through the key mapping in :mod:`.checkpoint`.
+            checkpoint through the key mapping in :mod:`.checkpoint` (optional ``prefix``); it is
+            refused when it matches under :data:`~.checkpoint.MIN_LOADED_FRACTION` of the backbone,
+            unless ``allow_partial=True``.
+
+    Inputs must be ``(B, in_channels, H, W)`` with ``H, W >= min_input_size``
+    (``PATCH_STRIDE * 2 ** (num_stages - 1)``: 32 for four stages), else a ``ValueError`` says how
+    to fix them.
     """
 
     arch_settings = ARCH_SETTINGS
@@ -217,6 +225,9 @@ class MemoryMamba(BaseBackbone):
         self.dims = [embed_dim * 2**i for i in range(self.num_stages)]
         self.out_indices = self._normalise_indices(out_indices)
         self.frozen_stages = frozen_stages
+        self.in_channels = in_channels
+        # Smaller inputs reach the last stages as 1x1 maps that the stride-2 convs only pad further.
+        self.min_input_size = PATCH_STRIDE * 2 ** (self.num_stages - 1)
 
         mem_kwargs = dict(
             coarse_slots=coarse_slots,
@@ -293,7 +304,12 @@ class MemoryMamba(BaseBackbone):
         """Load VMamba weights through the key mapping for ``type='Pretrained'``, else mmengine's default."""
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get("type") == "Pretrained":
-            load_vmamba_pretrained(self, cfg["checkpoint"], prefix=cfg.get("prefix"))
+            checkpoint = read_checkpoint(cfg["checkpoint"])
+            report = load_vmamba_pretrained(self, checkpoint, prefix=cfg.get("prefix"))
+            if not cfg.get("allow_partial", False):
+                require_enough_loaded(
+                    self, report, checkpoint, cfg.get("prefix"), source=repr(cfg["checkpoint"])
+                )
             self._is_init = True
             return
         super().init_weights()
@@ -318,6 +334,34 @@ class MemoryMamba(BaseBackbone):
         return self
 
     # -- forward -----------------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` that says how to fix ``x`` unless it is ``(B, in_channels, H, W)``, large enough.
+
+        Without it a grey or RGBA batch fails in the stem conv with a raw channel error, and a batch
+        smaller than :attr:`min_input_size` runs through stages of padding-only 1x1 maps.
+        """
+        if x.dim() != 4:
+            raise ValueError(
+                f"MemoryMamba expects a (batch, {self.in_channels}, height, width) tensor, got shape "
+                f"{tuple(x.shape)}; add the batch axis with x.unsqueeze(0) for a single image."
+            )
+        channels, height, width = (int(s) for s in x.shape[1:])
+        if channels != self.in_channels:
+            raise ValueError(
+                f"MemoryMamba(in_channels={self.in_channels}) expects {self.in_channels}-channel images, got "
+                f"{channels} channel(s) (shape {tuple(x.shape)}). Load images as colour, which repeats a grey "
+                "channel and drops alpha: LoadImageFromFile(color_type='color'), mmpretrain's default (for a "
+                "tensor: x.expand(-1, 3, -1, -1) for grey, x[:, :3] for RGBA); or set "
+                f"model.backbone.in_channels={channels} (the stem then cannot use ImageNet weights)."
+            )
+        if min(height, width) < self.min_input_size:
+            raise ValueError(
+                f"MemoryMamba with {self.num_stages} stages down-samples by {self.min_input_size}, so images "
+                f"must be at least {self.min_input_size}x{self.min_input_size} pixels; got {height}x{width}. "
+                "Resize them in the pipeline (e.g. dict(type='Resize', scale=224), the paper's size) or use an "
+                "arch with fewer stages."
+            )
+
     def forward(self, x: Tensor, return_memory: bool = False) -> tuple:
         """``(B, 3, H, W)`` -> tuple of ``(B, C_i, H_i, W_i)`` for ``out_indices``.
 
@@ -326,6 +370,7 @@ class MemoryMamba(BaseBackbone):
             return_memory: also return the :class:`MemoryState` of every Mem-SSM block (what the
                 memory losses need); then the result is ``(outs, states)``.
         """
+        self.check_input(x)
         x = self.patch_embed(x)
         outs: list[Tensor] = []
         states: list[MemoryState] = []

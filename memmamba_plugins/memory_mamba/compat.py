@@ -5,8 +5,8 @@ mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; since torch 2.6 t
 because an mmengine checkpoint's ``message_hub`` holds :class:`HistoryBuffer` objects (numpy arrays
 inside), and each buffer pickles its statistics methods as ``getattr(HistoryBuffer, 'min')`` etc.
 
-Instead of ``weights_only=False`` (arbitrary code execution from a checkpoint), we allowlist exactly
-those globals with :func:`torch.serialization.add_safe_globals`:
+Instead of ``weights_only=False`` (arbitrary code execution from a checkpoint), :func:`mmengine_safe_globals`
+allowlists exactly those globals, and only while it is open:
 
 * ``HistoryBuffer`` (plain data) and the numpy array / dtype / scalar reconstructors (the set
   torch's own documentation names for numpy);
@@ -14,12 +14,16 @@ those globals with :func:`torch.serialization.add_safe_globals`:
   ``HistoryBuffer``'s own statistics methods. Allowlisting the real ``getattr`` would let a
   checkpoint walk from any allowed object to ``__globals__`` and ``eval``.
 
-Every other global still makes ``torch.load`` refuse the file.
+Every other global still makes ``torch.load`` refuse the file. The plugin's own loads (and mmengine's
+local-file loads, through the loader :mod:`.checkpoint` registers with mmengine's ``CheckpointLoader``)
+open the context; any other ``torch.load`` in the process sees torch's allow-list unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -61,13 +65,24 @@ def restricted_getattr(obj: Any, name: str) -> Any:
     )
 
 
-def allow_mmengine_checkpoints() -> None:
-    """Allowlist the globals of mmengine checkpoints for ``torch.load(weights_only=True)``; idempotent."""
-    if not hasattr(torch.serialization, "add_safe_globals"):  # torch < 2.4 loads them anyway
-        return
-    torch.serialization.add_safe_globals(
-        [HistoryBuffer, (restricted_getattr, GETATTR_NAME), *_numpy_globals()]
-    )
+def mmengine_checkpoint_globals() -> list[Any]:
+    """The globals an mmengine checkpoint needs beyond torch's ``weights_only`` defaults."""
+    return [HistoryBuffer, (restricted_getattr, GETATTR_NAME), *_numpy_globals()]
+
+
+@contextlib.contextmanager
+def mmengine_safe_globals() -> Iterator[None]:
+    """Within the block, ``torch.load(weights_only=True)`` also accepts :func:`mmengine_checkpoint_globals`.
+
+    Only the entries the process has not allowlisted itself are added, and they are removed on exit,
+    so torch's allow-list afterwards is exactly what it was before (``torch.serialization.safe_globals``
+    alone would also remove an entry the user had added with ``add_safe_globals``). torch's allow-list
+    is process-wide: a ``torch.load`` in another thread while the block is open sees the entries too.
+    """
+    present = set(torch.serialization.get_safe_globals())
+    extra = [entry for entry in mmengine_checkpoint_globals() if entry not in present]
+    with torch.serialization.safe_globals(extra):
+        yield
 
 
 #: The only torch.distributed backend that runs without GPUs.
