@@ -87,6 +87,28 @@ def mmengine_safe_globals() -> Iterator[None]:
 
 #: The only torch.distributed backend that runs without GPUs.
 CPU_DIST_BACKEND = "gloo"
+#: Seconds a collective (DDP's gradient all-reduce, a barrier, the metric gather) waits for the other
+#: processes before it raises, when ``env_cfg.dist_cfg.timeout`` is not set: torch's own gloo default.
+#: A process that died is usually noticed at once (its sockets close, and the launcher stops the rest);
+#: this bounds the wait for one that hangs (frozen, deadlocked, or on a host that went away).
+DEFAULT_DIST_TIMEOUT_S = 1800
+
+
+def dist_timeout(env_cfg: dict) -> datetime.timedelta:
+    """``env_cfg['dist_cfg']['timeout']`` (seconds, as mmengine reads it) as a ``timedelta``; default 30 min.
+
+    Raises:
+        ValueError: the timeout is not a positive number of seconds.
+    """
+    timeout = (env_cfg.get("dist_cfg") or {}).get("timeout")
+    if timeout is None:
+        return datetime.timedelta(seconds=DEFAULT_DIST_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(
+            f"env_cfg.dist_cfg.timeout must be a positive number of seconds (e.g. "
+            f"env_cfg=dict(dist_cfg=dict(backend='gloo', timeout=600))), got {timeout!r}."
+        )
+    return datetime.timedelta(seconds=timeout)
 
 
 @RUNNERS.register_module()
@@ -98,11 +120,13 @@ class CPUDistributedRunner(Runner):
     process group when none exists yet, so this subclass creates a gloo group first when CUDA is
     unavailable and otherwise behaves exactly like ``Runner``. Select it with
     ``--cfg-options runner_type=CPUDistributedRunner`` (a smoke test of the multi-GPU path on CPU).
+
+    ``env_cfg.dist_cfg.timeout`` (seconds, default :data:`DEFAULT_DIST_TIMEOUT_S`) bounds how long a
+    process waits in a collective for the others: when one of them hangs, the rest raise after that
+    long and the launcher stops the run, instead of all of them waiting forever.
     """
 
     def setup_env(self, env_cfg: dict) -> None:  # noqa: D102 - see the class docstring
         if self.distributed and not torch.cuda.is_available() and not torch.distributed.is_initialized():
-            timeout = env_cfg.get("dist_cfg", {}).get("timeout")
-            kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
-            torch.distributed.init_process_group(backend=CPU_DIST_BACKEND, **kwargs)
+            torch.distributed.init_process_group(backend=CPU_DIST_BACKEND, timeout=dist_timeout(env_cfg))
         super().setup_env(env_cfg)

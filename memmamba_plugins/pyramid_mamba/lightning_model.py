@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch, InferenceBatch
@@ -73,6 +75,9 @@ DEFAULT_GRADIENT_CLIP = 5.0
 AUPRO_FPR_LIMIT = 0.3
 #: Suggested learning-rate cut when training diverges.
 LR_CUT_ON_DIVERGENCE = 10
+#: Checkpoint entry with the random-number generators' states at the moment of saving (see
+#: :meth:`PyramidMamba.on_save_checkpoint`); older checkpoints without it resume as before.
+RNG_STATES_KEY = "pyramid_mamba_rng_states"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -432,6 +437,31 @@ class PyramidMamba(AnomalibModule):
         if type(strategy.checkpoint_io) is AnomalibCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io.extra_safe_globals)
 
+    # -- resume -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """anomalib's entries, plus the random-number generators' states (:data:`RNG_STATES_KEY`).
+
+        ``--ckpt_path`` makes Lightning restore the weights, optimiser, schedulers and loop counters, but
+        no random-number generator: a resumed fit would shuffle the next epoch and draw the feature noise
+        and drop-path masks differently from the run it continues (the toy run of ``tests/test_faults.py``
+        ended up to 0.16 apart in its weights, with other test metrics). With the states saved, resuming
+        from an epoch's checkpoint gives the uninterrupted run's weights, bit for bit.
+        """
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[RNG_STATES_KEY] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """anomalib's restore; when resuming a fit, also the saved random-number generators' states.
+
+        Only a fit continues them: ``test``/``predict --ckpt_path`` and :meth:`load_from_checkpoint`
+        leave the process's generators alone. Under DDP the file holds rank 0's states, and every
+        process continues from them (with ``seed_everything`` all ranks start from the same states).
+        """
+        super().on_load_checkpoint(checkpoint)
+        states = checkpoint.get(RNG_STATES_KEY)
+        if states is not None and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            _set_rng_states(states)
+
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> PyramidMamba:
         """anomalib's ``load_from_checkpoint``, after :func:`~.checkpoint.check_checkpoint_file`.
@@ -451,6 +481,34 @@ class PyramidMamba(AnomalibModule):
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
         """Types in our hyper-parameters that ``weights_only`` checkpoint loading must allow."""
         return (Path, torch.Size)
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python generator states, as tensors and plain data.
+
+    Plain data so that anomalib's ``weights_only`` checkpoint loading reads them without an allow-list.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`_rng_states` saved (CUDA only onto the same number of devices)."""
+    torch.set_rng_state(states["torch"])
+    keys, pos, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
