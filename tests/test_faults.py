@@ -205,6 +205,9 @@ class Run:
 def launch(tmp_path: Path):
     """``launch(cmd, log_name, helpers, fault_dir, pause_at=None)``; every run is stopped at teardown."""
     runs: list[Run] = []
+    # mim creates ~/.cache/mim at import with an exists-then-makedirs check: two `mim` processes
+    # started together on a fresh machine race on it and one dies with FileExistsError.
+    (Path.home() / ".cache" / "mim").mkdir(parents=True, exist_ok=True)
 
     def start(
         cmd: list[str], log_name: str, helpers: Path, fault_dir: Path, pause_at: str | None = None
