@@ -5,7 +5,7 @@
 _base_ = [
     "./_base_/models/memorymamba_tiny_scratch.py",
     "./_base_/datasets/defect_folder_scratch.py",
-    "./_base_/schedules/memorymamba_scratch.py",
+    "./_base_/schedules/memorymamba_scratch_small.py",
     "./_base_/memorymamba_runtime.py",
 ]
 
@@ -17,3 +17,5 @@ data_preprocessor = dict(num_classes=num_classes)
 train_dataloader = dict(dataset=dict(data_root=data_root))
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
+# ~8 iterations an epoch: a checkpoint every 10 epochs is enough to resume from
+default_hooks = dict(checkpoint=dict(interval=10))

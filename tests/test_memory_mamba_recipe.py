@@ -197,3 +197,20 @@ def test_from_scratch_recipe_configs(name: str, classes: int) -> None:
     assert "save_best" not in cfg.default_hooks.checkpoint
     model = MODELS.build(cfg.model)
     assert model.head.in_channels == 768
+
+
+#: Training images per class-folder split written by tools/prepare_dataset.py (paper Table 1; MT's
+#: counts include its masks, so its 1,344 images split 70 / 30).
+TRAIN_IMAGES = {"gc10": 1834, "neu": 228, "mt": 939, "aluminum": 277}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_IMAGES))
+def test_from_scratch_schedules_give_enough_steps(name: str) -> None:
+    """300 steps leave MemoryMamba underfitted on a small set, 1,200 do not (docs/memory_mamba.md)."""
+    cfg = Config.fromfile(str(REPO / "configs" / f"memorymamba_{name}_scratch.py"))
+    epochs = cfg.train_cfg.max_epochs
+    iterations = epochs * -(-TRAIN_IMAGES[name] // cfg.train_dataloader.batch_size)
+    assert iterations >= 900, f"{name}: {iterations} iterations"
+    warmup, cosine = cfg.param_scheduler
+    assert warmup.end == cosine.begin and cosine.end == epochs == cfg.train_cfg.val_interval
+    assert 60 <= iterations * warmup.end / epochs <= 120  # ~80 warm-up iterations
